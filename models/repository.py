@@ -1,0 +1,74 @@
+"""The model repository on disk: `<root>/<name>/<version>/{model.onnx, model.pt, manifest.json}`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from models.manifest import MANIFEST_FILE, Manifest, sha256_file
+
+DEFAULT_ROOT = Path(__file__).resolve().parent
+
+
+class RepositoryError(RuntimeError):
+    """The repository on disk does not hold what was asked for, or holds it damaged."""
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    manifest: Manifest
+    path: Path
+
+    def artifact_path(self, fmt: str) -> Path:
+        try:
+            return self.path / self.manifest.artifacts[fmt].file  # type: ignore[index]
+        except KeyError:
+            raise RepositoryError(f"{self.manifest.name} v{self.manifest.version} has no {fmt} artifact") from None
+
+    def verify(self) -> None:
+        """Check every artifact against the sha256 its manifest records."""
+        for _fmt, artifact in self.manifest.artifacts.items():
+            path = self.path / artifact.file
+            if not path.is_file():
+                raise RepositoryError(f"{path} is missing")
+            if (digest := sha256_file(path)) != artifact.sha256:
+                raise RepositoryError(f"{path}: sha256 {digest} does not match the manifest's {artifact.sha256}")
+
+
+def versions(root: Path, name: str) -> list[str]:
+    """The versions of `name` that hold a manifest, oldest first."""
+    folder = Path(root) / name
+    if not folder.is_dir():
+        return []
+    found = [p.name for p in folder.iterdir() if p.name.isdigit() and (p / MANIFEST_FILE).is_file()]
+    return sorted(found, key=int)
+
+
+def model_names(root: Path) -> list[str]:
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and versions(root, p.name))
+
+
+def load(root: Path, name: str, version: str | None = None) -> ModelVersion:
+    """Load and validate one version's manifest (the newest when `version` is None)."""
+    available = versions(root, name)
+    if not available:
+        raise RepositoryError(
+            f"no model {name!r} under {Path(root).resolve()} (expected {name}/<version>/{MANIFEST_FILE})"
+        )
+    version = version or available[-1]
+    if version not in available:
+        raise RepositoryError(f"model {name!r} has no version {version!r}; available: {', '.join(available)}")
+    path = Path(root) / name / version
+    try:
+        manifest = Manifest.model_validate_json((path / MANIFEST_FILE).read_text())
+    except ValueError as e:
+        raise RepositoryError(f"{path / MANIFEST_FILE} is not a valid manifest: {e}") from e
+    return ModelVersion(manifest=manifest, path=path)
+
+
+def next_version(root: Path, name: str) -> str:
+    existing = versions(root, name)
+    return str(int(existing[-1]) + 1) if existing else "1"

@@ -1,0 +1,1 @@
+"""nnserve's HTTP service: LitServe workers over the model repository."""

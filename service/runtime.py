@@ -1,0 +1,130 @@
+"""Model runtimes: one ONNX Runtime session or TorchScript module per worker, on CPU or CUDA.
+
+torch is imported only by the TorchScript backend, so the default ONNX path serves without it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import warnings
+from pathlib import Path
+from typing import Literal, Protocol
+
+import numpy as np
+
+logger = logging.getLogger("nnserve")
+
+Device = Literal["cpu", "cuda"]
+
+
+class DeviceError(RuntimeError):
+    """The configured device cannot be used on this machine."""
+
+
+class Runtime(Protocol):
+    providers: list[str]
+
+    def run(self, x: np.ndarray) -> np.ndarray: ...
+
+
+def _gpu_count() -> int:
+    if shutil.which("nvidia-smi") is None:
+        return 0
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10, check=True).stdout
+    except (subprocess.SubprocessError, OSError):
+        return 0
+    return sum(line.startswith("GPU ") for line in out.splitlines())
+
+
+def _cuda_usable(backend: str) -> tuple[bool, str]:
+    """Whether `backend` can run on a GPU here, and if not, why."""
+    if backend == "torchscript":
+        import torch
+
+        return (True, "") if torch.cuda.is_available() else (False, "torch.cuda.is_available() is False")
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False, "this onnxruntime has no CUDAExecutionProvider (install the `gpu` extra: onnxruntime-gpu)"
+    if _gpu_count() == 0:
+        return False, "nvidia-smi lists no GPU"
+    return True, ""
+
+
+def resolve_device(setting: str, backend: str) -> Device:
+    """Turn `auto|cpu|cuda` into the device to use; a GPU-only setting without a usable GPU fails loudly."""
+    if setting == "cpu":
+        return "cpu"
+    usable, why = _cuda_usable(backend)
+    if setting == "cuda" and not usable:
+        raise DeviceError(f"NNSERVE_DEVICE=cuda but no GPU is usable with the {backend} backend: {why}")
+    return "cuda" if usable else "cpu"
+
+
+def threads_per_worker(configured: int, workers: int) -> int:
+    """Split the cores between workers so that several never oversubscribe the CPU."""
+    if configured > 0:
+        return configured
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
+
+
+def onnx_providers(device: str) -> list[str | tuple[str, dict[str, int]]]:
+    if device.startswith("cuda"):
+        return [("CUDAExecutionProvider", {"device_id": int(device.partition(":")[2] or 0)}), "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def planned_providers(backend: str, device: str) -> list[str]:
+    """What a worker will run on, named as its runtime names it (workers refuse to start otherwise)."""
+    if backend == "torchscript":
+        return [f"torch:{device}"]
+    return [p if isinstance(p, str) else p[0] for p in onnx_providers(device)]
+
+
+class OnnxRuntime:
+    def __init__(self, path: Path, device: str, threads: int) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Spinning worker threads burn cores that other workers and the HTTP servers need.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), options, providers=onnx_providers(device))
+        self.providers = self.session.get_providers()
+        if device.startswith("cuda") and self.providers[0] != "CUDAExecutionProvider":
+            raise DeviceError(f"ONNX Runtime could not start the CUDA provider for {path}; it offered {self.providers}")
+        self._input = self.session.get_inputs()[0].name
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self._input: x})[0]
+
+
+class TorchScriptRuntime:
+    def __init__(self, path: Path, device: str, threads: int) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TorchScript's deprecation notice is not the user's concern
+            import torch
+
+            torch.set_num_threads(threads)
+            self.device = torch.device(device)
+            self.module = torch.jit.load(str(path), map_location=self.device).eval()
+        self._torch = torch
+        self.providers = [f"torch:{self.device.type}"]
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        with self._torch.inference_mode():
+            return self.module(self._torch.from_numpy(x).to(self.device)).float().cpu().numpy()
+
+
+def load_runtime(backend: str, path: Path, device: str, threads: int) -> Runtime:
+    if backend == "torchscript":
+        return TorchScriptRuntime(path, device, threads)
+    return OnnxRuntime(path, device, threads)

@@ -1,0 +1,84 @@
+"""Start a real nnserve server on 127.0.0.1 for a test and stop it afterwards."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class RunningServer:
+    url: str
+    process: subprocess.Popen
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, process: subprocess.Popen, log: Path, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text(errors='replace')}")
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"server not ready after {timeout} s:\n{log.read_text(errors='replace')}")
+
+
+@contextmanager
+def running_server(wait: bool = True, **env: str) -> Iterator[RunningServer]:
+    """`python -m service` with NNSERVE_* overrides from `env`; waits for /ready unless `wait` is False."""
+    port = free_port()
+    log = Path(os.environ.get("TMPDIR", "/tmp")) / f"nnserve-test-{port}.log"
+    full_env = {**os.environ, "NNSERVE_HOST": "127.0.0.1", "NNSERVE_PORT": str(port), "PYTHONUNBUFFERED": "1", **env}
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service"],
+            cwd=ROOT,
+            env=full_env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    server = RunningServer(url=f"http://127.0.0.1:{port}", process=process, log=log)
+    try:
+        if wait:
+            wait_ready(server.url, process, log)
+        yield server
+    finally:
+        stop(process)
+        log.unlink(missing_ok=True)
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Interrupt the whole process group (HTTP servers and inference workers), then SIGKILL what remains."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGINT)
+        with suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=15)
+    with suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=5)
