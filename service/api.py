@@ -18,6 +18,7 @@ from starlette.requests import Request
 
 from models import ModelVersion
 from service import logs, metrics
+from service.batching import DrainingLoop
 from service.config import Settings
 from service.errors import ApiError
 from service.inputs import ImageDecoder, SeriesParser
@@ -37,6 +38,7 @@ class ModelAPI(ls.LitAPI):
             max_batch_size=settings.max_batch_size,
             batch_timeout=settings.batch_timeout,
             api_path=f"/v1/{model.manifest.name}/predict",
+            loop=DrainingLoop(),
         )
         self.model = model
         self.manifest = model.manifest
@@ -95,13 +97,8 @@ class ModelAPI(ls.LitAPI):
             return self.runtime.run(x)
         return np.concatenate([self.runtime.run(x[i : i + MAX_MODEL_BATCH]) for i in range(0, len(x), MAX_MODEL_BATCH)])
 
-    def predict(self, x: Any) -> Any:
+    def predict(self, requests: list[dict[str, Any]]) -> list[Any]:
         """Run all requests' items in one model call; if that fails, run each alone so one cannot sink the rest."""
-        if self.max_batch_size == 1:  # LitServe's unbatched loop hands over one request, not a list
-            return self._predict_isolated([x])[0]
-        return self._predict_isolated(x)
-
-    def _predict_isolated(self, requests: list[dict[str, Any]]) -> list[Any]:
         metrics.observe_batch(self.name, len(requests), sum(self.items(r) for r in requests))
         try:
             return self.predict_batch(requests)

@@ -21,9 +21,11 @@ class Settings(BaseSettings):
     backend: Literal["onnx", "torchscript"] = Field("onnx", description="ONNX Runtime or TorchScript (needs torch).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto uses a GPU when one is usable.")
     max_batch_size: int = Field(32, ge=1, description="Most requests LitServe batches into one model call.")
-    batch_timeout: float = Field(0.002, ge=0, description="Seconds a batch waits to fill.")
+    batch_timeout: float = Field(
+        0.0, ge=0, description="Extra seconds a non-full batch waits for more; 0 batches what is already queued."
+    )
     workers_per_device: int = Field(1, ge=1, description="Inference processes per model and device.")
-    api_servers: int = Field(1, ge=1, description="HTTP server processes.")
+    api_servers: int = Field(2, ge=1, description="HTTP server processes (decode and validate run there).")
     intra_op_threads: int = Field(0, ge=0, description="Threads per inference worker; 0 picks cores / workers.")
     api_key: str | None = Field(None, description="When set, every route except /health needs this key.")
     max_request_bytes: int = Field(10 * 2**20, ge=1024, description="Largest accepted request body (413 above).")

@@ -41,7 +41,9 @@ def _gpu_count() -> int:
 
 
 def _cuda_usable(backend: str) -> tuple[bool, str]:
-    """Whether `backend` can run on a GPU here, and if not, why."""
+    """Whether `backend` can run on a GPU here, and if not, why (cheap checks first: no GPU, no import)."""
+    if _gpu_count() == 0:
+        return False, "nvidia-smi lists no GPU"
     if backend == "torchscript":
         import torch
 
@@ -50,8 +52,6 @@ def _cuda_usable(backend: str) -> tuple[bool, str]:
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return False, "this onnxruntime has no CUDAExecutionProvider (install the `gpu` extra: onnxruntime-gpu)"
-    if _gpu_count() == 0:
-        return False, "nvidia-smi lists no GPU"
     return True, ""
 
 
