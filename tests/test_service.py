@@ -1,0 +1,403 @@
+"""The service end to end: real HTTP on 127.0.0.1 against the committed models."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pytest
+from PIL import Image
+
+import models
+from service.runtime import DeviceError, resolve_device
+from tests.data import cifar_test_pngs, mnist_test_pngs, weather_2015
+from tests.serving import RunningServer, running_server
+
+
+def png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def offline_probs(name: str, pngs: list[bytes]) -> np.ndarray:
+    """The artifact run directly with ONNX Runtime, preprocessing written out from the manifest."""
+    mv = models.load(models.DEFAULT_ROOT, name)
+    spec = mv.manifest.preprocessing
+    assert spec is not None
+    images = [Image.open(io.BytesIO(b)).convert(spec.color_mode).resize((spec.width, spec.height)) for b in pngs]
+    x = np.stack([np.asarray(im, dtype=np.float32).reshape(spec.height, spec.width, -1) for im in images])
+    x = ((x / 255.0 - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)).transpose(0, 3, 1, 2)
+    session = ort.InferenceSession(str(mv.artifact_path("onnx")), providers=["CPUExecutionProvider"])
+    logits = session.run(None, {session.get_inputs()[0].name: x.astype(np.float32)})[0]
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def predict_multipart(url: str, name: str, pngs: list[bytes], chunk: int = 200) -> list[dict]:
+    out: list[dict] = []
+    with httpx.Client(timeout=60) as client:
+        for i in range(0, len(pngs), chunk):
+            files = [("files", (f"{j}.png", b, "image/png")) for j, b in enumerate(pngs[i : i + chunk])]
+            r = client.post(f"{url}/v1/{name}/predict", files=files)
+            assert r.status_code == 200, r.text
+            out.extend(r.json()["predictions"])
+    return out
+
+
+def assert_error(r: httpx.Response, status: int, code: str) -> None:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert body["error"]["code"] == code
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    assert r.headers["x-request-id"]
+
+
+def assert_still_serving(url: str) -> None:
+    digit, label = mnist_test_pngs(1)[0]
+    r = httpx.post(f"{url}/v1/digits/predict", content=digit, headers={"Content-Type": "image/png"}, timeout=30)
+    assert r.status_code == 200 and r.json()["predictions"][0]["index"] == label
+
+
+# --- accuracy and equality with the offline artifact ------------------------------------------------------
+
+
+def test_digits_accuracy_over_http_equals_offline(server: RunningServer) -> None:
+    items = mnist_test_pngs(10_000)
+    pngs, labels = [b for b, _ in items], np.array([y for _, y in items])
+    http = np.array([p["index"] for p in predict_multipart(server.url, "digits", pngs)])
+    offline = offline_probs("digits", pngs).argmax(axis=1)
+    assert (http == offline).all()
+    manifest = models.load(models.DEFAULT_ROOT, "digits").manifest
+    assert abs((http == labels).mean() - manifest.metric("accuracy").value) <= 0.001
+
+
+def test_cifar_accuracy_over_http_equals_offline(server: RunningServer) -> None:
+    items = cifar_test_pngs()
+    pngs, labels = [b for b, _ in items], np.array([y for _, y in items])
+    predictions = predict_multipart(server.url, "cifar", pngs)
+    http = np.array([p["index"] for p in predictions])
+    offline = offline_probs("cifar", pngs)
+    assert (http == offline.argmax(axis=1)).all()
+    top = np.array([p["top_k"][0]["probability"] for p in predictions])
+    assert np.allclose(top, offline.max(axis=1), atol=1e-5)
+    manifest = models.load(models.DEFAULT_ROOT, "cifar").manifest
+    assert abs((http == labels).mean() - manifest.metric("accuracy").value) <= 0.001
+
+
+def test_three_ways_to_send_an_image_agree(server: RunningServer) -> None:
+    blob, _ = cifar_test_pngs()[0]
+    pixels = np.asarray(Image.open(io.BytesIO(blob)).convert("RGB")).tolist()
+    url = f"{server.url}/v1/cifar/predict"
+    raw = httpx.post(url, content=blob, headers={"Content-Type": "image/png"}).json()
+    form = httpx.post(url, files={"file": ("a.png", blob, "image/png")}).json()
+    b64 = httpx.post(url, json={"instances": [{"b64": base64.b64encode(blob).decode()}]}).json()
+    arr = httpx.post(url, json={"instances": [pixels]}).json()
+    assert raw == form == b64 == arr
+    assert raw["model"] == "cifar" and raw["version"] == models.load(models.DEFAULT_ROOT, "cifar").manifest.version
+
+
+def test_any_size_and_mode_is_converted(server: RunningServer) -> None:
+    digit, label = mnist_test_pngs(1)[0]
+    big = Image.open(io.BytesIO(digit)).resize((112, 112)).convert("RGBA")
+    buf = io.BytesIO()
+    big.convert("RGB").save(buf, format="JPEG", quality=95)
+    for body, kind in ((png(np.asarray(big)), "image/png"), (buf.getvalue(), "image/jpeg")):
+        r = httpx.post(f"{server.url}/v1/digits/predict", content=body, headers={"Content-Type": kind})
+        assert r.status_code == 200 and r.json()["predictions"][0]["index"] == label
+
+
+def test_top_k(server: RunningServer) -> None:
+    digit, _ = mnist_test_pngs(1)[0]
+    r = httpx.post(f"{server.url}/v1/digits/predict?top_k=5", content=digit, headers={"Content-Type": "image/png"})
+    scores = r.json()["predictions"][0]["top_k"]
+    assert len(scores) == 5
+    probs = [s["probability"] for s in scores]
+    assert probs == sorted(probs, reverse=True) and 0.0 < sum(probs) <= 1.0 + 1e-6
+
+
+def test_forecast_matches_offline_artifact(server: RunningServer) -> None:
+    mv = models.load(models.DEFAULT_ROOT, "sequence")
+    spec = mv.manifest.series
+    assert spec is not None
+    temps = weather_2015()
+    windows = [temps[i : i + n] for i, n in ((0, spec.min_history), (40, 60), (100, spec.max_history))]
+    body = [{"series": w.tolist(), "horizon": spec.horizon} for w in windows]
+    r = httpx.post(f"{server.url}/v1/sequence/predict", json=body)
+    assert r.status_code == 200, r.text
+    got = [p["forecast"] for p in r.json()["predictions"]]
+    session = ort.InferenceSession(str(mv.artifact_path("onnx")), providers=["CPUExecutionProvider"])
+    for w, forecast in zip(windows, got, strict=True):
+        want = session.run(None, {session.get_inputs()[0].name: w[None].astype(np.float32)})[0][0]
+        assert len(forecast) == spec.horizon
+        assert np.allclose(forecast, want, atol=1e-3)
+    short = httpx.post(f"{server.url}/v1/sequence/predict", json={"series": windows[1].tolist(), "horizon": 2})
+    assert np.allclose(short.json()["predictions"][0]["forecast"], got[1][:2])
+
+
+# --- operations -----------------------------------------------------------------------------------------
+
+
+def test_models_and_metadata(server: RunningServer) -> None:
+    listed = httpx.get(f"{server.url}/v1/models").json()["models"]
+    assert {m["name"] for m in listed} == set(models.model_names(models.DEFAULT_ROOT))
+    info = httpx.get(f"{server.url}/v1/models/cifar").json()
+    assert info["backend"] == "onnx" and info["device"] == "cpu" and info["providers"] == ["CPUExecutionProvider"]
+    assert info["ready"] is True
+    assert info["manifest"]["labels"][0] == "airplane"
+    assert_error(httpx.get(f"{server.url}/v1/models/nope"), 404, "not_found")
+
+
+def test_request_id_is_echoed_or_made(server: RunningServer) -> None:
+    assert httpx.get(f"{server.url}/health", headers={"X-Request-ID": "abc-123"}).headers["x-request-id"] == "abc-123"
+    made = httpx.get(f"{server.url}/health").headers["x-request-id"]
+    assert len(made) == 32
+    assert httpx.get(f"{server.url}/health", headers={"X-Request-ID": "bad id\t!"}).headers["x-request-id"] != "bad id"
+
+
+def test_openapi_describes_the_routes(server: RunningServer) -> None:
+    doc = httpx.get(f"{server.url}/openapi.json").json()
+    for path in ("/v1/digits/predict", "/v1/cifar/predict", "/v1/sequence/predict", "/ready", "/v1/models"):
+        assert path in doc["paths"]
+    body = doc["paths"]["/v1/cifar/predict"]["post"]["requestBody"]["content"]
+    assert {"image/png", "multipart/form-data", "application/json"} <= set(body)
+    assert "ClassifyResponse" in json.dumps(doc["paths"]["/v1/cifar/predict"]["post"]["responses"]["200"])
+
+
+def test_metrics_count_requests(server: RunningServer) -> None:
+    assert_still_serving(server.url)
+    text = httpx.get(f"{server.url}/metrics").text
+    assert 'nnserve_requests_total{endpoint="/v1/digits/predict",status="200"}' in text
+    assert "nnserve_request_duration_seconds_bucket" in text
+    assert 'nnserve_batch_size_count{model="digits"}' in text
+    assert "nnserve_items_in_flight" in text
+
+
+# --- bad input: a clear 4xx, and the server keeps serving ---------------------------------------------------
+
+BAD_INPUTS = {
+    "not an image": ("digits", {"content": b"hello, world", "headers": {"Content-Type": "image/png"}}, 400,
+                     "invalid_image"),
+    "empty body": ("digits", {"content": b"", "headers": {"Content-Type": "image/png"}}, 400, "empty_body"),
+    "wrong content type": ("digits", {"content": b"x", "headers": {"Content-Type": "text/plain"}}, 415,
+                           "unsupported_media_type"),
+    "malformed json": ("digits", {"content": b'{"instances": [', "headers": {"Content-Type": "application/json"}},
+                       400, "invalid_json"),
+    "json without instances": ("digits", {"json": {"images": []}}, 400, "invalid_request"),
+    "bad base64": ("digits", {"json": {"instances": [{"b64": "%%%"}]}}, 400, "invalid_image"),
+    "ragged pixels": ("digits", {"json": {"instances": [[[1, 2], [3]]]}}, 400, "invalid_request"),
+    "pixels out of range": ("digits", {"json": {"instances": [[[1, 2], [3, 999]]]}}, 400, "invalid_request"),
+    "top_k too big": ("digits", {"json": {"instances": [[[0, 0], [0, 0]]], "top_k": 11}}, 422, "invalid_parameter"),
+    "series too short": ("sequence", {"json": {"series": [1.0, 2.0]}}, 422, "invalid_series"),
+    "series too long": ("sequence", {"json": {"series": [1.0] * 100_000}}, 422, "invalid_series"),
+    "series with NaN": ("sequence", {"content": b'{"series": [' + b"1.5, " * 30 + b"NaN]}",
+                                     "headers": {"Content-Type": "application/json"}}, 422, "invalid_series"),
+    "series with Infinity": ("sequence", {"content": b'{"series": [' + b"1.5, " * 30 + b"Infinity]}",
+                                          "headers": {"Content-Type": "application/json"}}, 422, "invalid_series"),
+    "series of strings": ("sequence", {"json": {"series": ["a"] * 30}}, 422, "invalid_series"),
+    "horizon zero": ("sequence", {"json": {"series": [1.0] * 30, "horizon": 0}}, 422, "invalid_horizon"),
+    "horizon too far": ("sequence", {"json": {"series": [1.0] * 30, "horizon": 1000}}, 422, "invalid_horizon"),
+    "series not json": ("sequence", {"content": b"1,2,3", "headers": {"Content-Type": "text/csv"}}, 415,
+                        "unsupported_media_type"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=list(BAD_INPUTS))
+def test_bad_input_gets_a_clear_error(server: RunningServer, case: str) -> None:
+    model, kwargs, status, code = BAD_INPUTS[case]
+    assert_error(httpx.post(f"{server.url}/v1/{model}/predict", timeout=30, **kwargs), status, code)
+    assert_still_serving(server.url)
+
+
+def test_truncated_image(server: RunningServer) -> None:
+    blob, _ = cifar_test_pngs()[0]
+    half = blob[: len(blob) // 2]
+    r = httpx.post(f"{server.url}/v1/cifar/predict", content=half, headers={"Content-Type": "image/png"})
+    assert_error(r, 400, "invalid_image")
+    assert_still_serving(server.url)
+
+
+def test_decompression_bomb_is_refused(server: RunningServer) -> None:
+    bomb = png(np.zeros((5000, 5000), dtype=np.uint8))  # 25 Mpx in a few kB
+    assert len(bomb) < 100_000
+    r = httpx.post(f"{server.url}/v1/digits/predict", content=bomb, headers={"Content-Type": "image/png"})
+    assert_error(r, 413, "image_too_large")
+    assert_still_serving(server.url)
+
+
+def test_body_over_the_byte_limit(server: RunningServer) -> None:
+    r = httpx.post(f"{server.url}/v1/digits/predict", content=b"\0" * (10 * 2**20 + 1),
+                   headers={"Content-Type": "image/png"}, timeout=30)
+    assert_error(r, 413, "payload_too_large")
+    assert_still_serving(server.url)
+
+
+def test_too_many_items(server: RunningServer) -> None:
+    digit, _ = mnist_test_pngs(1)[0]
+    files = [("files", (f"{i}.png", digit, "image/png")) for i in range(257)]
+    assert_error(httpx.post(f"{server.url}/v1/digits/predict", files=files), 413, "too_many_items")
+    assert_still_serving(server.url)
+
+
+def test_unknown_route_and_method(server: RunningServer) -> None:
+    assert_error(httpx.get(f"{server.url}/v1/digits/nothing"), 404, "not_found")
+    assert_error(httpx.get(f"{server.url}/v1/digits/predict"), 405, "method_not_allowed")
+
+
+# --- batching ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def batching_server() -> RunningServer:
+    # A batch window makes concurrent requests meet in one model call even on a fast model.
+    with running_server(NNSERVE_BATCH_TIMEOUT="0.05", NNSERVE_API_SERVERS="1") as srv:
+        yield srv
+
+
+def test_concurrent_requests_are_batched_and_equal_single_results(
+    server: RunningServer, batching_server: RunningServer
+) -> None:
+    items = mnist_test_pngs(48)
+    singles = [
+        httpx.post(f"{server.url}/v1/digits/predict", content=b, headers={"Content-Type": "image/png"}).json()
+        for b, _ in items
+    ]
+
+    def send(blob: bytes) -> httpx.Response:
+        return httpx.post(f"{batching_server.url}/v1/digits/predict", content=blob,
+                          headers={"Content-Type": "image/png"}, timeout=30)
+
+    with ThreadPoolExecutor(max_workers=24) as pool:
+        batched = list(pool.map(send, [b for b, _ in items]))
+    assert [r.json()["predictions"] for r in batched] == [s["predictions"] for s in singles]
+
+    text = httpx.get(f"{batching_server.url}/metrics").text
+    requests = float(_sample(text, 'nnserve_batch_requests_sum{model="digits"}'))
+    calls = float(_sample(text, 'nnserve_batch_requests_count{model="digits"}'))
+    assert requests >= 48 and calls < requests, f"{requests} requests in {calls} model calls: nothing was batched"
+
+
+def test_bad_requests_do_not_fail_their_batch(batching_server: RunningServer) -> None:
+    items = mnist_test_pngs(16)
+
+    def send(i: int) -> tuple[int, httpx.Response]:
+        body = b"not a png" if i % 2 else items[i][0]
+        return i, httpx.post(f"{batching_server.url}/v1/digits/predict", content=body,
+                             headers={"Content-Type": "image/png"}, timeout=30)
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        results = list(pool.map(send, range(16)))
+    for i, r in results:
+        if i % 2:
+            assert_error(r, 400, "invalid_image")
+        else:
+            assert r.status_code == 200 and r.json()["predictions"][0]["index"] == items[i][1]
+
+
+def _sample(text: str, name: str) -> str:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return line.split()[-1]
+    raise AssertionError(f"{name} not in metrics")
+
+
+# --- overload, timeouts, auth, readiness, backends, devices -----------------------------------------------------
+
+
+def test_overload_is_refused_early_and_nothing_hangs() -> None:
+    items = mnist_test_pngs(8)
+    files = [("files", (f"{i}.png", b, "image/png")) for i, (b, _) in enumerate(items)]
+    labels = [y for _, y in items]
+    with running_server(NNSERVE_MAX_IN_FLIGHT="16", NNSERVE_API_SERVERS="1", NNSERVE_BATCH_TIMEOUT="0.02") as srv:
+
+        def send(_: int) -> httpx.Response:
+            return httpx.post(f"{srv.url}/v1/digits/predict", files=files, timeout=20)
+
+        with ThreadPoolExecutor(max_workers=48) as pool:
+            responses = list(pool.map(send, range(192)))
+        statuses = [r.status_code for r in responses]
+        assert set(statuses) <= {200, 503}
+        assert statuses.count(503) > 0 and statuses.count(200) > 0
+        for r in responses:
+            if r.status_code == 200:
+                assert [p["index"] for p in r.json()["predictions"]] == labels
+            else:
+                assert_error(r, 503, "overloaded")
+                assert r.headers["retry-after"] == "1"
+        text = httpx.get(f"{srv.url}/metrics").text
+        assert float(_sample(text, 'nnserve_overload_rejections_total{model="digits"}')) == statuses.count(503)
+        assert_still_serving(srv.url)
+
+
+def test_timeout_answers_504_json() -> None:
+    with running_server(NNSERVE_REQUEST_TIMEOUT="0.000001") as srv:
+        digit, _ = mnist_test_pngs(1)[0]
+        r = httpx.post(f"{srv.url}/v1/digits/predict", content=digit, headers={"Content-Type": "image/png"})
+        assert_error(r, 504, "timeout")
+        assert httpx.get(f"{srv.url}/health").status_code == 200
+
+
+def test_api_key() -> None:
+    with running_server(NNSERVE_API_KEY="s3cret") as srv:
+        digit, _ = mnist_test_pngs(1)[0]
+        url = f"{srv.url}/v1/digits/predict"
+        image = {"Content-Type": "image/png"}
+        assert httpx.get(f"{srv.url}/health").status_code == 200  # probes need no key
+        assert_error(httpx.get(f"{srv.url}/ready"), 401, "unauthorized")
+        assert_error(httpx.get(f"{srv.url}/v1/models"), 401, "unauthorized")
+        assert_error(httpx.post(url, content=digit, headers=image), 401, "unauthorized")
+        assert_error(httpx.post(url, content=digit, headers={**image, "X-API-Key": "wrong"}), 401, "unauthorized")
+        assert_error(httpx.get(f"{srv.url}/metrics", headers={"Authorization": "Bearer s3cre"}), 401, "unauthorized")
+        assert httpx.post(url, content=digit, headers={**image, "X-API-Key": "s3cret"}).status_code == 200
+        assert httpx.post(url, content=digit, headers={**image, "Authorization": "Bearer s3cret"}).status_code == 200
+
+
+def test_no_api_key_means_open(server: RunningServer) -> None:
+    assert httpx.get(f"{server.url}/v1/models").status_code == 200
+
+
+def test_ready_only_after_warm_up_and_torchscript_backend_agrees(server: RunningServer) -> None:
+    with running_server(wait=False, NNSERVE_BACKEND="torchscript") as srv:
+        seen: list[tuple[int, int]] = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                ready = httpx.get(f"{srv.url}/ready", timeout=2)
+                seen.append((httpx.get(f"{srv.url}/health", timeout=2).status_code, ready.status_code))
+                if ready.status_code == 200:
+                    break
+                assert ready.json()["status"] == "loading"
+            except httpx.TransportError:
+                pass
+            time.sleep(0.02)
+        assert seen and seen[-1] == (200, 200)
+        assert (200, 503) in seen, f"never saw alive-but-not-ready: {seen[:5]}"
+
+        info = httpx.get(f"{srv.url}/v1/models/digits").json()
+        assert info["backend"] == "torchscript" and info["providers"] == ["torch:cpu"]
+        pngs = [b for b, _ in cifar_test_pngs()[:64]]
+        torchscript = predict_multipart(srv.url, "cifar", pngs)
+        onnx = predict_multipart(server.url, "cifar", pngs)
+        assert [p["index"] for p in torchscript] == [p["index"] for p in onnx]
+        for a, b in zip(torchscript, onnx, strict=True):
+            assert abs(a["top_k"][0]["probability"] - b["top_k"][0]["probability"]) < 1e-4
+        assert "TracerWarning" not in srv.output() and "deprecated" not in srv.output().lower()
+
+
+def test_device_selection() -> None:
+    """auto falls back to the CPU here; a GPU-only setting fails at start with a clear message."""
+    assert resolve_device("cpu", "onnx") == "cpu"
+    if resolve_device("auto", "onnx") == "cuda":  # a machine with a usable GPU
+        assert resolve_device("cuda", "onnx") == "cuda"
+        return
+    with pytest.raises(DeviceError, match="no GPU is usable"):
+        resolve_device("cuda", "onnx")
+    with running_server(wait=False, NNSERVE_DEVICE="cuda") as srv:
+        assert srv.process.wait(timeout=60) != 0
+        assert "NNSERVE_DEVICE=cuda" in srv.output() and "no GPU is usable" in srv.output()
