@@ -34,13 +34,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_ready(url: str, process: subprocess.Popen, log: Path, timeout: float = 120.0) -> None:
+def wait_ready(url: str, process: subprocess.Popen, log: Path, api_key: str = "", timeout: float = 120.0) -> None:
+    headers = {"X-API-Key": api_key} if api_key else {}
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text(errors='replace')}")
         try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+            if httpx.get(f"{url}/ready", headers=headers, timeout=2).status_code == 200:
                 return
         except httpx.TransportError:
             pass
@@ -66,7 +67,7 @@ def running_server(wait: bool = True, **env: str) -> Iterator[RunningServer]:
     server = RunningServer(url=f"http://127.0.0.1:{port}", process=process, log=log)
     try:
         if wait:
-            wait_ready(server.url, process, log)
+            wait_ready(server.url, process, log, full_env.get("NNSERVE_API_KEY", ""))
         yield server
     finally:
         stop(process)

@@ -182,13 +182,25 @@ def test_metrics_count_requests(server: RunningServer) -> None:
 # --- bad input: a clear 4xx, and the server keeps serving ---------------------------------------------------
 
 BAD_INPUTS = {
-    "not an image": ("digits", {"content": b"hello, world", "headers": {"Content-Type": "image/png"}}, 400,
-                     "invalid_image"),
+    "not an image": (
+        "digits",
+        {"content": b"hello, world", "headers": {"Content-Type": "image/png"}},
+        400,
+        "invalid_image",
+    ),
     "empty body": ("digits", {"content": b"", "headers": {"Content-Type": "image/png"}}, 400, "empty_body"),
-    "wrong content type": ("digits", {"content": b"x", "headers": {"Content-Type": "text/plain"}}, 415,
-                           "unsupported_media_type"),
-    "malformed json": ("digits", {"content": b'{"instances": [', "headers": {"Content-Type": "application/json"}},
-                       400, "invalid_json"),
+    "wrong content type": (
+        "digits",
+        {"content": b"x", "headers": {"Content-Type": "text/plain"}},
+        415,
+        "unsupported_media_type",
+    ),
+    "malformed json": (
+        "digits",
+        {"content": b'{"instances": [', "headers": {"Content-Type": "application/json"}},
+        400,
+        "invalid_json",
+    ),
     "json without instances": ("digits", {"json": {"images": []}}, 400, "invalid_request"),
     "bad base64": ("digits", {"json": {"instances": [{"b64": "%%%"}]}}, 400, "invalid_image"),
     "ragged pixels": ("digits", {"json": {"instances": [[[1, 2], [3]]]}}, 400, "invalid_request"),
@@ -196,15 +208,27 @@ BAD_INPUTS = {
     "top_k too big": ("digits", {"json": {"instances": [[[0, 0], [0, 0]]], "top_k": 11}}, 422, "invalid_parameter"),
     "series too short": ("sequence", {"json": {"series": [1.0, 2.0]}}, 422, "invalid_series"),
     "series too long": ("sequence", {"json": {"series": [1.0] * 100_000}}, 422, "invalid_series"),
-    "series with NaN": ("sequence", {"content": b'{"series": [' + b"1.5, " * 30 + b"NaN]}",
-                                     "headers": {"Content-Type": "application/json"}}, 422, "invalid_series"),
-    "series with Infinity": ("sequence", {"content": b'{"series": [' + b"1.5, " * 30 + b"Infinity]}",
-                                          "headers": {"Content-Type": "application/json"}}, 422, "invalid_series"),
+    "series with NaN": (
+        "sequence",
+        {"content": b'{"series": [' + b"1.5, " * 30 + b"NaN]}", "headers": {"Content-Type": "application/json"}},
+        422,
+        "invalid_series",
+    ),
+    "series with Infinity": (
+        "sequence",
+        {"content": b'{"series": [' + b"1.5, " * 30 + b"Infinity]}", "headers": {"Content-Type": "application/json"}},
+        422,
+        "invalid_series",
+    ),
     "series of strings": ("sequence", {"json": {"series": ["a"] * 30}}, 422, "invalid_series"),
     "horizon zero": ("sequence", {"json": {"series": [1.0] * 30, "horizon": 0}}, 422, "invalid_horizon"),
     "horizon too far": ("sequence", {"json": {"series": [1.0] * 30, "horizon": 1000}}, 422, "invalid_horizon"),
-    "series not json": ("sequence", {"content": b"1,2,3", "headers": {"Content-Type": "text/csv"}}, 415,
-                        "unsupported_media_type"),
+    "series not json": (
+        "sequence",
+        {"content": b"1,2,3", "headers": {"Content-Type": "text/csv"}},
+        415,
+        "unsupported_media_type",
+    ),
 }
 
 
@@ -232,8 +256,12 @@ def test_decompression_bomb_is_refused(server: RunningServer) -> None:
 
 
 def test_body_over_the_byte_limit(server: RunningServer) -> None:
-    r = httpx.post(f"{server.url}/v1/digits/predict", content=b"\0" * (10 * 2**20 + 1),
-                   headers={"Content-Type": "image/png"}, timeout=30)
+    r = httpx.post(
+        f"{server.url}/v1/digits/predict",
+        content=b"\0" * (10 * 2**20 + 1),
+        headers={"Content-Type": "image/png"},
+        timeout=30,
+    )
     assert_error(r, 413, "payload_too_large")
     assert_still_serving(server.url)
 
@@ -270,8 +298,9 @@ def test_concurrent_requests_are_batched_and_equal_single_results(
     ]
 
     def send(blob: bytes) -> httpx.Response:
-        return httpx.post(f"{batching_server.url}/v1/digits/predict", content=blob,
-                          headers={"Content-Type": "image/png"}, timeout=30)
+        return httpx.post(
+            f"{batching_server.url}/v1/digits/predict", content=blob, headers={"Content-Type": "image/png"}, timeout=30
+        )
 
     with ThreadPoolExecutor(max_workers=24) as pool:
         batched = list(pool.map(send, [b for b, _ in items]))
@@ -288,8 +317,9 @@ def test_bad_requests_do_not_fail_their_batch(batching_server: RunningServer) ->
 
     def send(i: int) -> tuple[int, httpx.Response]:
         body = b"not a png" if i % 2 else items[i][0]
-        return i, httpx.post(f"{batching_server.url}/v1/digits/predict", content=body,
-                             headers={"Content-Type": "image/png"}, timeout=30)
+        return i, httpx.post(
+            f"{batching_server.url}/v1/digits/predict", content=body, headers={"Content-Type": "image/png"}, timeout=30
+        )
 
     with ThreadPoolExecutor(max_workers=16) as pool:
         results = list(pool.map(send, range(16)))
