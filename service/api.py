@@ -169,7 +169,7 @@ class ClassifierAPI(ModelAPI):
         predictions = []
         for row, idx in zip(probs, order, strict=True):
             scores = [{"index": int(i), "label": self.labels[i], "probability": round(float(row[i]), 6)} for i in idx]
-            predictions.append({"index": scores[0]["index"], "label": scores[0]["label"], "top_k": scores})
+            predictions.append({**scores[0], "top_k": scores})
         return predictions
 
 

@@ -16,6 +16,7 @@ class ClassScore(BaseModel):
 class ClassPrediction(BaseModel):
     index: int = Field(description="Most probable class.")
     label: str
+    probability: float
     top_k: list[ClassScore]
 
 
