@@ -12,8 +12,16 @@ import tempfile
 from service.config import Settings
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt  # LitServe shuts its workers down gracefully on an interrupt
+def _graceful_sigterm() -> None:
+    """SIGTERM (docker stop, Kubernetes) takes LitServe's graceful path, like Ctrl-C."""
+    main_pid = os.getpid()
+
+    def handler(signum: int, frame: object) -> None:
+        if os.getpid() != main_pid:  # a forked HTTP server, re-raising what uvicorn already handled
+            raise SystemExit(0)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def main() -> None:
@@ -34,7 +42,7 @@ def main() -> None:
         server = build_server(settings)
     except (DeviceError, RepositoryError, OSError, ValueError) as e:
         sys.exit(f"nnserve: {e}")
-    signal.signal(signal.SIGTERM, _interrupt)
+    _graceful_sigterm()
     server.run(
         host=settings.host,
         port=settings.port,

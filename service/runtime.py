@@ -65,11 +65,11 @@ def resolve_device(setting: str, backend: str) -> Device:
     return "cuda" if usable else "cpu"
 
 
-def threads_per_worker(configured: int, workers: int) -> int:
-    """Split the cores between workers so that several never oversubscribe the CPU."""
+def threads_per_worker(configured: int, workers: int, api_servers: int) -> int:
+    """Split the cores left by the HTTP servers between the workers, so that they never oversubscribe the CPU."""
     if configured > 0:
         return configured
-    return max(1, (os.cpu_count() or 1) // max(1, workers))
+    return max(1, ((os.cpu_count() or 1) - api_servers) // max(1, workers))
 
 
 def onnx_providers(device: str) -> list[str | tuple[str, dict[str, int]]]:
@@ -97,6 +97,8 @@ class OnnxRuntime:
         # Spinning worker threads burn cores that other workers and the HTTP servers need.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3
+        # The arena keeps the largest batch's buffers for good; without it memory follows the load.
+        options.enable_cpu_mem_arena = False
         self.session = ort.InferenceSession(str(path), options, providers=onnx_providers(device))
         self.providers = self.session.get_providers()
         if device.startswith("cuda") and self.providers[0] != "CUDAExecutionProvider":

@@ -168,6 +168,13 @@ class PredictHandler(BaseRequestHandler):
         return ApiError(500, "internal", "the model worker failed on this request")
 
 
+class _NoManager:
+    """Stands where LitServe keeps its multiprocessing manager, which nnserve does not start."""
+
+    def shutdown(self) -> None:
+        pass
+
+
 class NNServer(ls.LitServer):
     """LitServer with nnserve's operational routes and predict handler in place of LitServe's defaults."""
 
@@ -187,18 +194,21 @@ class NNServer(ls.LitServer):
         )
         install_handlers(self.app)
 
-    def _init_manager(self, num_api_servers: int) -> Any:
-        """Carry requests and responses over plain pipes instead of LitServe's manager-process queues.
+    def _init_manager(self, num_api_servers: int) -> _NoManager:
+        """Carry requests and responses over plain pipes, with no manager process.
 
-        A manager queue is a blocking round trip through a third process for every put and get (six per
-        request); a multiprocessing queue is one pipe write from a feeder thread and one read.
+        LitServe routes every queue operation through a manager process: a blocking round trip through a third
+        process for each put and get, and some 50 MB for the process itself. A multiprocessing queue is one pipe
+        write from a feeder thread and one read. Readiness is counted by the APIs themselves, so the setup-status
+        dict the workers write to need not be shared.
         """
-        manager = super()._init_manager(num_api_servers)
         ctx = mp.get_context("spawn")
-        for path in self.litapi_request_queues:
-            self.litapi_request_queues[path] = ctx.Queue()
-        self._transport = MPQueueTransport(manager, [ctx.Queue() for _ in range(num_api_servers)])
-        return manager
+        self.workers_setup_status = {}
+        self._shutdown_event = ctx.Event()
+        for api in self.litapi_connector:
+            self.litapi_request_queues[api.api_path] = ctx.Queue()
+        self._transport = MPQueueTransport(None, [ctx.Queue() for _ in range(num_api_servers)])
+        return _NoManager()
 
     def _register_middleware(self) -> None:
         # Compressing small JSON answers costs more server time than it saves on the wire.
@@ -206,9 +216,10 @@ class NNServer(ls.LitServer):
         super()._register_middleware()
 
     def verify_worker_status(self) -> None:
-        """Start the HTTP servers at once, so /health answers and /ready says 503 while models load."""
-        if "error" in self.workers_setup_status.values():
-            raise RuntimeError("a model worker failed to start; see the log above")
+        """Start the HTTP servers at once, so /health answers and /ready says 503 while models load.
+
+        A worker that fails to load exits, and LitServe's worker monitor then shuts the server down.
+        """
 
     def model_info(self, api: ModelAPI) -> dict[str, Any]:
         return {
@@ -283,7 +294,7 @@ def build_server(settings: Settings) -> NNServer:
         raise SystemExit(f"no models found under {settings.models_dir.resolve()}")
     device = resolve_device(settings.device, settings.backend)
     workers = len(names) * settings.workers_per_device
-    threads = threads_per_worker(settings.intra_op_threads, workers)
+    threads = threads_per_worker(settings.intra_op_threads, workers, settings.api_servers)
     apis = []
     for name in names:
         model = load(settings.models_dir, name)
