@@ -70,5 +70,8 @@ def load(root: Path, name: str, version: str | None = None) -> ModelVersion:
 
 
 def next_version(root: Path, name: str) -> str:
-    existing = versions(root, name)
-    return str(int(existing[-1]) + 1) if existing else "1"
+    """One above the highest numbered folder, manifest or not, so a new version never reuses a folder
+    that a run left without a manifest (one trained for export elsewhere, or one whose export failed)."""
+    folder = Path(root) / name
+    taken = [int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit()] if folder.is_dir() else []
+    return str(max(taken, default=0) + 1)

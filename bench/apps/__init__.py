@@ -1,0 +1,35 @@
+"""Baseline servers the benchmark compares nnserve with; each runs as `python -m bench.apps.<name> --port P`."""
+
+import argparse
+
+from bench.loadgen import HOST
+
+# What the floors answer: shaped like one nnserve classification reply, so response bytes are comparable.
+CONSTANT_REPLY = {
+    "model": "digits",
+    "version": "1",
+    "predictions": [
+        {
+            "index": 7,
+            "label": "7",
+            "top_k": [
+                {"index": 7, "label": "7", "probability": 0.998},
+                {"index": 2, "label": "2", "probability": 0.001},
+                {"index": 3, "label": "3", "probability": 0.0005},
+            ],
+        }
+    ],
+}
+
+
+def arguments(description: str, models: bool = False) -> argparse.Namespace:
+    """The command line every baseline shares: where to listen and, for model servers, what to load."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--host", default=HOST, choices=[HOST])
+    if models:
+        parser.add_argument("--model", default="digits,cifar,sequence", help="comma-separated model names")
+        parser.add_argument("--models-dir", default=None, help="model repository (default: the project's)")
+        parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+        parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    return parser.parse_args()

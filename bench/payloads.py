@@ -1,0 +1,135 @@
+"""Real client payloads and the request bytes built from them, once, before any load runs.
+
+Every system under test gets the same images and series; only the envelope differs where a system cannot
+take a raw image body (the LitServe floor: JSON with base64, see `bench/README.md`).
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+
+from models import ImagePreprocessing, Manifest
+
+ImageEnvelope = Literal["raw", "json-b64"]
+BOUNDARY = "nnserve-bench-boundary"
+SERIES_YEAR = "2015"
+
+
+def mnist_pngs(data_dir: Path, count: int) -> list[bytes]:
+    """The first `count` MNIST test digits, PNG-encoded as a client would send them."""
+    raw = (data_dir / "MNIST" / "raw" / "t10k-images-idx3-ubyte").read_bytes()
+    magic, total, rows, cols = np.frombuffer(raw[:16], dtype=">u4")
+    if magic != 2051:
+        raise ValueError(f"not an IDX image file (magic {magic})")
+    images = np.frombuffer(raw[16:], dtype=np.uint8).reshape(int(total), int(rows), int(cols))
+    out = []
+    for pixels in images[:count]:
+        buf = io.BytesIO()
+        Image.fromarray(pixels, mode="L").save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def cifar_pngs(data_dir: Path, count: int) -> list[bytes]:
+    """Up to `count` CIFAR-10 subset test images, classes interleaved so any prefix mixes classes."""
+    folders = sorted(p for p in (data_dir / "cifar10-subset" / "test").iterdir() if p.is_dir())
+    per_class = [sorted(f.glob("*.png")) for f in folders]
+    ordered = [files[i] for i in range(max(map(len, per_class))) for files in per_class if i < len(files)]
+    if not ordered:
+        raise FileNotFoundError(f"no PNG under {data_dir / 'cifar10-subset' / 'test'}")
+    return [p.read_bytes() for p in ordered[:count]]
+
+
+def weather_windows(data_dir: Path, length: int, count: int) -> list[list[float]]:
+    """Sliding windows of daily temp_max from the held-out year, the series a forecast client sends."""
+    with open(data_dir / "timeseries" / "seattle-weather-daily.csv", newline="") as f:
+        temps = [float(row["temp_max"]) for row in csv.DictReader(f) if row["date"].startswith(SERIES_YEAR)]
+    windows = [temps[i : i + length] for i in range(len(temps) - length + 1)]
+    if not windows:
+        raise ValueError(f"fewer than {length} days in {SERIES_YEAR}")
+    return windows[:count]
+
+
+def series_length(manifest: Manifest, wanted: int = 30) -> int:
+    """`wanted` days clamped to what the forecaster accepts."""
+    assert manifest.series is not None
+    return max(manifest.series.min_history, min(wanted, manifest.series.max_history))
+
+
+def image_tensor(png: bytes, prep: ImagePreprocessing) -> np.ndarray:
+    """The manifest's preprocessing: convert, resize, scale to [0, 1], normalize, CHW float32."""
+    img = Image.open(io.BytesIO(png)).convert(prep.color_mode)
+    if img.size != (prep.width, prep.height):
+        img = img.resize((prep.width, prep.height), Image.Resampling.BILINEAR)
+    x = np.asarray(img, dtype=np.float32) / 255.0
+    x = x[None] if x.ndim == 2 else x.transpose(2, 0, 1)
+    mean = np.asarray(prep.mean, dtype=np.float32)[:, None, None]
+    std = np.asarray(prep.std, dtype=np.float32)[:, None, None]
+    return (x - mean) / std
+
+
+def series_tensor(values: list[float], manifest: Manifest) -> np.ndarray:
+    """One series shaped as the exported graph's input without its batch axis (T, or T x 1 for NTC)."""
+    x = np.asarray(values, dtype=np.float32)
+    return x[:, None] if len(manifest.input.shape) == 3 else x
+
+
+def model_inputs(manifest: Manifest, images: list[bytes], series: list[list[float]]) -> np.ndarray:
+    """The payloads as one float32 array of model inputs (N, ...), for the raw-model compute limit."""
+    if manifest.preprocessing is not None:
+        return np.stack([image_tensor(png, manifest.preprocessing) for png in images])
+    return np.stack([series_tensor(s, manifest) for s in series])
+
+
+def _http(path: str, port: int, content_type: str, body: bytes) -> bytes:
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode("ascii") + body
+
+
+def _json(obj: object) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def _b64_instances(images: list[bytes]) -> bytes:
+    return _json({"instances": [{"b64": base64.b64encode(png).decode("ascii")} for png in images]})
+
+
+def _multipart(images: list[bytes]) -> bytes:
+    parts = [
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="images"; filename="{i}.png"\r\n'
+        f"Content-Type: image/png\r\n\r\n".encode("ascii")
+        + png
+        + b"\r\n"
+        for i, png in enumerate(images)
+    ]
+    return b"".join(parts) + f"--{BOUNDARY}--\r\n".encode("ascii")
+
+
+def image_requests(
+    model: str, images: list[bytes], per_request: int, envelope: ImageEnvelope, port: int
+) -> list[bytes]:
+    """Complete HTTP/1.1 requests, each carrying `per_request` images, cycling through the payloads."""
+    path = f"/v1/{model}/predict"
+    groups = [[images[(i + j) % len(images)] for j in range(per_request)] for i in range(0, len(images), per_request)]
+    if envelope == "json-b64":
+        return [_http(path, port, "application/json", _b64_instances(g)) for g in groups]
+    if per_request == 1:
+        return [_http(path, port, "image/png", g[0]) for g in groups]
+    content_type = f"multipart/form-data; boundary={BOUNDARY}"
+    return [_http(path, port, content_type, _multipart(g)) for g in groups]
+
+
+def series_requests(model: str, windows: list[list[float]], port: int) -> list[bytes]:
+    """One forecast request per window, in the documented JSON form."""
+    return [_http(f"/v1/{model}/predict", port, "application/json", _json({"series": w})) for w in windows]
