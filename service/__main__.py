@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
+import ctypes
 import os
 import shutil
 import signal
@@ -24,8 +26,17 @@ def _graceful_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+def _limit_malloc_arenas() -> None:
+    """glibc gives busy threads malloc arenas of their own and keeps what is freed in them, so a server's memory
+    creeps up under load. Two arenas per process keep it flat (and measured no slower)."""
+    os.environ.setdefault("MALLOC_ARENA_MAX", "2")  # read at start by the spawned inference workers
+    with contextlib.suppress(OSError, AttributeError, ValueError):  # not glibc
+        ctypes.CDLL("libc.so.6").mallopt(-8, int(os.environ["MALLOC_ARENA_MAX"]))  # M_ARENA_MAX: this process, forks
+
+
 def main() -> None:
     settings = Settings()
+    _limit_malloc_arenas()
     # Metrics from all processes meet in one folder; it must be known before prometheus_client is imported.
     if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
         folder = tempfile.mkdtemp(prefix="nnserve-metrics-")

@@ -26,7 +26,9 @@ class Settings(BaseSettings):
     )
     workers_per_device: int = Field(1, ge=1, description="Inference processes per model and device.")
     api_servers: int = Field(2, ge=1, description="HTTP server processes (decode and validate run there).")
-    intra_op_threads: int = Field(0, ge=0, description="Threads per inference worker; 0 picks cores / workers.")
+    intra_op_threads: int = Field(
+        0, ge=0, description="Threads for batches of 8+ (smaller use one); 0 splits the cores among a model's workers."
+    )
     api_key: str | None = Field(None, description="When set, every route except /health needs this key.")
     max_request_bytes: int = Field(10 * 2**20, ge=1024, description="Largest accepted request body (413 above).")
     max_items_per_request: int = Field(256, ge=1, description="Most images or series in one request (413 above).")

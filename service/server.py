@@ -293,8 +293,7 @@ def build_server(settings: Settings) -> NNServer:
     if not names:
         raise SystemExit(f"no models found under {settings.models_dir.resolve()}")
     device = resolve_device(settings.device, settings.backend)
-    workers = len(names) * settings.workers_per_device
-    threads = threads_per_worker(settings.intra_op_threads, workers, settings.api_servers)
+    threads = threads_per_worker(settings.intra_op_threads, settings.workers_per_device)
     apis = []
     for name in names:
         model = load(settings.models_dir, name)
