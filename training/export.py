@@ -325,21 +325,14 @@ def _export_forecaster(model: Forecaster, cfg: SequenceConfig, ckpt: dict, scrat
     target = f"{cfg.column} ({cfg.unit})"
     metrics = [
         Metric(
-            name="rmse_7d_avg",
-            value=round(rmse_7d, 6),
+            name=name,
+            value=round(value, 6),
             dataset=ckpt["dataset"],
             split=split,
             n_items=len(test_x),
-            baseline=round(base_7d, 6),
-        ),
-        Metric(
-            name="rmse_1d",
-            value=round(rmse_1d, 6),
-            dataset=ckpt["dataset"],
-            split=split,
-            n_items=len(test_x),
-            baseline=round(base_1d, 6),
-        ),
+            baseline=round(baseline, 6),
+        )
+        for name, value, baseline in (("rmse_7d_avg", rmse_7d, base_7d), ("rmse_1d", rmse_1d, base_1d))
     ] + [
         Metric(**{**m, "value": round(m["value"], 6), "baseline": round(m["baseline"], 6)})
         for m in ckpt["extra_metrics"]
