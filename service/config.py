@@ -36,6 +36,7 @@ class Settings(BaseSettings):
     max_in_flight: int = Field(2048, ge=1, description="Items in flight per model before 503 + Retry-After.")
     request_timeout: float = Field(30.0, gt=0, description="Seconds before a request is answered 504.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity.")
+    access_log: bool = Field(True, description="One info line per request, with its request id.")
 
     def model_list(self) -> list[str]:
         return [m.strip() for m in self.models.split(",") if m.strip()]

@@ -46,8 +46,9 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 class Gateway:
     """Pure ASGI edge: request id, API key, per-route metrics and one access-log line per request."""
 
-    def __init__(self, app: ASGIApp, api_key: str | None, routes: set[str]) -> None:
+    def __init__(self, app: ASGIApp, api_key: str | None, routes: set[str], access_log: bool) -> None:
         self.app = app
+        self.access_log = access_log
         self.api_key = api_key.encode() if api_key else None
         self.routes = routes
 
@@ -99,7 +100,8 @@ class Gateway:
             endpoint = self._endpoint(path)
             metrics.REQUESTS.labels(endpoint, str(status)).inc()
             metrics.LATENCY.labels(endpoint).observe(elapsed)
-            logger.info("%s %s %d %.1fms", scope["method"], path, status, elapsed * 1000)
+            if self.access_log:
+                logger.info("%s %s %d %.1fms", scope["method"], path, status, elapsed * 1000)
             logs.REQUEST_ID.reset(token)
 
 
@@ -190,7 +192,7 @@ class NNServer(ls.LitServer):
             devices=1 if device == "cpu" else "auto",
             workers_per_device=settings.workers_per_device,
             timeout=settings.request_timeout,
-            middlewares=[(Gateway, {"api_key": settings.api_key, "routes": routes})],
+            middlewares=[(Gateway, {"api_key": settings.api_key, "routes": routes, "access_log": settings.access_log})],
         )
         install_handlers(self.app)
 

@@ -15,9 +15,10 @@ import pytest
 from PIL import Image
 
 import models
+from service.config import Settings
 from service.runtime import DeviceError, resolve_device
 from tests.data import cifar_test_pngs, mnist_test_pngs, weather_2015
-from tests.serving import RunningServer, running_server
+from tests.serving import ROOT, RunningServer, running_server
 
 
 def png(array: np.ndarray) -> bytes:
@@ -159,6 +160,9 @@ def test_request_id_is_echoed_or_made(server: RunningServer) -> None:
     made = httpx.get(f"{server.url}/health").headers["x-request-id"]
     assert len(made) == 32
     assert httpx.get(f"{server.url}/health", headers={"X-Request-ID": "bad id\t!"}).headers["x-request-id"] != "bad id"
+    httpx.get(f"{server.url}/v1/models", headers={"X-Request-ID": "trace-me-4711"})
+    time.sleep(0.2)
+    assert any("trace-me-4711" in line and "/v1/models 200" in line for line in server.output().splitlines())
 
 
 def test_openapi_describes_the_routes(server: RunningServer) -> None:
@@ -365,12 +369,13 @@ def test_overload_is_refused_early_and_nothing_hangs() -> None:
         assert_still_serving(srv.url)
 
 
-def test_timeout_answers_504_json() -> None:
-    with running_server(NNSERVE_REQUEST_TIMEOUT="0.000001") as srv:
+def test_timeout_answers_504_json_and_access_log_can_be_off() -> None:
+    with running_server(NNSERVE_REQUEST_TIMEOUT="0.000001", NNSERVE_ACCESS_LOG="false") as srv:
         digit, _ = mnist_test_pngs(1)[0]
         r = httpx.post(f"{srv.url}/v1/digits/predict", content=digit, headers={"Content-Type": "image/png"})
         assert_error(r, 504, "timeout")
         assert httpx.get(f"{srv.url}/health").status_code == 200
+        assert r.headers["x-request-id"] not in srv.output()  # access log off
 
 
 def test_api_key() -> None:
@@ -431,3 +436,9 @@ def test_device_selection() -> None:
     with running_server(wait=False, NNSERVE_DEVICE="cuda") as srv:
         assert srv.process.wait(timeout=60) != 0
         assert "NNSERVE_DEVICE=cuda" in srv.output() and "no GPU is usable" in srv.output()
+
+
+def test_readme_documents_every_setting() -> None:
+    readme = (ROOT / "README.md").read_text()
+    missing = [name for name in Settings.model_fields if f"`NNSERVE_{name.upper()}`" not in readme]
+    assert not missing, f"README's configuration table lacks {missing}"
