@@ -1,7 +1,7 @@
 """LitServe APIs: one per model, each a thin layer between parsed requests and a runtime.
 
 `parse` runs in the HTTP server process (decode and validate, so bad input never joins a batch); the LitServe
-hooks `setup`, `decode_request`, `predict` and `encode_response` run in the inference worker, where LitServe's
+hooks `setup`, `predict` and `encode_response` run in the inference worker, where LitServe's
 dynamic batching groups requests. Responses leave the worker as finished JSON bytes.
 """
 
@@ -46,7 +46,6 @@ class ModelAPI(ls.LitAPI):
         self.backend = settings.backend
         self.device_kind = device
         self.threads = threads
-        self.max_items = settings.max_items_per_request
         self.workers = settings.workers_per_device
         self.log_level = settings.log_level
         # Counts warmed-up workers; shared with the HTTP servers, which answer /ready from it.
@@ -75,7 +74,8 @@ class ModelAPI(ls.LitAPI):
         logs.configure(self.log_level)
         artifact = "torchscript" if self.backend == "torchscript" else "onnx"
         self.runtime = load_runtime(self.backend, self.model.artifact_path(artifact), device, self.threads)
-        for n in (1, 8, 64):  # first calls allocate and pick kernels; pay that before reporting ready
+        # First calls allocate and pick kernels (on both the one-thread and the wide session): pay before ready.
+        for n in (1, 8, 64):
             self.run(self.warmup_batch(n))
         logger.info(
             "model %s v%s ready: %s on %s via %s (%d threads)",

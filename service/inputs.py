@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
 from models import ImagePreprocessing, SeriesSpec
@@ -77,7 +78,12 @@ class ImageDecoder:
         if kind.startswith(IMAGE_TYPES):
             return self.decode_many([body]), {}
         if kind == "multipart/form-data":
-            form = await request.form(max_files=self.max_items + 1, max_fields=self.max_items + 1)
+            try:
+                form = await request.form(max_files=self.max_items, max_fields=self.max_items)
+            except HTTPException as e:  # Starlette's verdict on the multipart body
+                if str(e.detail).startswith("Too many"):
+                    raise ApiError(413, "too_many_items", f"more than {self.max_items} items in one request") from None
+                raise ApiError(400, "invalid_request", f"malformed multipart body: {e.detail}") from None
             files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
             _check_count(len(files), self.max_items)
             return self.decode_many([await f.read() for f in files]), {}

@@ -119,17 +119,13 @@ class PredictHandler(BaseRequestHandler):
         self.in_flight = 0
 
     async def handle_request(self, request: Request, request_type: Any = None) -> Response:
+        if self.in_flight >= self.limit:  # full already: refuse before spending time on the body
+            raise self._overloaded()
         body = await read_body(request, self.max_bytes)
         payload = await self.api.parse(request, body)
         n = self.api.items(payload)
         if self.in_flight and self.in_flight + n > self.limit:
-            metrics.OVERLOADED.labels(self.api.name).inc()
-            raise ApiError(
-                503,
-                "overloaded",
-                f"{self.api.name} has {self.in_flight} items in flight; retry shortly",
-                {"Retry-After": "1"},
-            )
+            raise self._overloaded()
         payload["request_id"] = logs.REQUEST_ID.get()
         self.in_flight += n
         metrics.IN_FLIGHT.labels(self.api.name).inc(n)
@@ -143,6 +139,11 @@ class PredictHandler(BaseRequestHandler):
         if isinstance(response, tuple):
             raise ApiError(*response)
         return Response(response, media_type="application/json")
+
+    def _overloaded(self) -> ApiError:
+        metrics.OVERLOADED.labels(self.api.name).inc()
+        message = f"{self.api.name} has {self.in_flight} items in flight; retry shortly"
+        return ApiError(503, "overloaded", message, {"Retry-After": "1"})
 
     async def _exchange(self, payload: dict[str, Any]) -> tuple[Any, Any]:
         uid, _ = await self._submit_request(payload)

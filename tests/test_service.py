@@ -272,8 +272,11 @@ def test_body_over_the_byte_limit(server: RunningServer) -> None:
 
 def test_too_many_items(server: RunningServer) -> None:
     digit, _ = mnist_test_pngs(1)[0]
-    files = [("files", (f"{i}.png", digit, "image/png")) for i in range(257)]
-    assert_error(httpx.post(f"{server.url}/v1/digits/predict", files=files), 413, "too_many_items")
+    for n in (257, 300):
+        files = [("files", (f"{i}.png", digit, "image/png")) for i in range(n)]
+        assert_error(httpx.post(f"{server.url}/v1/digits/predict", files=files), 413, "too_many_items")
+    instances = [[[0, 0], [0, 0]]] * 257
+    assert_error(httpx.post(f"{server.url}/v1/digits/predict", json={"instances": instances}), 413, "too_many_items")
     assert_still_serving(server.url)
 
 
