@@ -23,19 +23,27 @@ BOUNDARY = "nnserve-bench-boundary"
 SERIES_YEAR = "2015"
 
 
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (MNIST's format): big-endian magic with the dtype code and rank, the dims, then the data."""
+    raw = path.read_bytes()
+    if raw[:2] != b"\0\0" or raw[2] != 0x08:
+        raise ValueError(f"{path} is not an unsigned-byte IDX file")
+    rank = raw[3]
+    dims = np.frombuffer(raw, dtype=">u4", count=rank, offset=4).astype(int)
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * rank).reshape(dims)
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    """uint8 pixels encoded as a PNG file, as a client would send them."""
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def mnist_pngs(data_dir: Path, count: int) -> list[bytes]:
     """The first `count` MNIST test digits, PNG-encoded as a client would send them."""
-    raw = (data_dir / "MNIST" / "raw" / "t10k-images-idx3-ubyte").read_bytes()
-    magic, total, rows, cols = np.frombuffer(raw[:16], dtype=">u4")
-    if magic != 2051:
-        raise ValueError(f"not an IDX image file (magic {magic})")
-    images = np.frombuffer(raw[16:], dtype=np.uint8).reshape(int(total), int(rows), int(cols))
-    out = []
-    for pixels in images[:count]:
-        buf = io.BytesIO()
-        Image.fromarray(pixels, mode="L").save(buf, format="PNG")
-        out.append(buf.getvalue())
-    return out
+    images = read_idx(data_dir / "MNIST" / "raw" / "t10k-images-idx3-ubyte")
+    return [png_bytes(pixels) for pixels in images[:count]]
 
 
 def cifar_pngs(data_dir: Path, count: int) -> list[bytes]:

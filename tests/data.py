@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import csv
-import io
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -14,22 +13,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from bench.payloads import png_bytes, read_idx
+
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
 def data_dir() -> Path:
     """Where the offline data sets live."""
     return Path(os.environ.get("NNSERVE_DATA_DIR") or Path(__file__).parents[1].parent / "shared" / "data")
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """An IDX file (MNIST's format): big-endian magic with the dtype code and rank, the dims, then the data."""
-    raw = path.read_bytes()
-    if raw[:2] != b"\0\0" or raw[2] != 0x08:
-        raise ValueError(f"{path} is not an unsigned-byte IDX file")
-    rank = raw[3]
-    dims = np.frombuffer(raw, dtype=">u4", count=rank, offset=4).astype(int)
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * rank).reshape(dims)
 
 
 @lru_cache(maxsize=1)
@@ -42,12 +33,7 @@ def mnist_test() -> tuple[np.ndarray, np.ndarray]:
 @lru_cache(maxsize=1)
 def _mnist_pngs() -> tuple[bytes, ...]:
     images, _ = mnist_test()
-    out = []
-    for image in images:
-        buf = io.BytesIO()
-        Image.fromarray(image, mode="L").save(buf, format="PNG")
-        out.append(buf.getvalue())
-    return tuple(out)
+    return tuple(png_bytes(image) for image in images)
 
 
 def mnist_test_pngs(n: int) -> list[tuple[bytes, int]]:

@@ -15,26 +15,17 @@ import pytest
 from PIL import Image
 
 import models
+from bench.payloads import model_inputs, png_bytes
 from service.config import Settings
 from service.runtime import DeviceError, resolve_device
 from tests.data import cifar_test_pngs, mnist_test_pngs, weather_2015
 from tests.serving import ROOT, RunningServer, running_server
 
 
-def png(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def offline_probs(name: str, pngs: list[bytes]) -> np.ndarray:
     """The artifact run directly with ONNX Runtime, preprocessing written out from the manifest."""
     mv = models.load(models.DEFAULT_ROOT, name)
-    spec = mv.manifest.preprocessing
-    assert spec is not None
-    images = [Image.open(io.BytesIO(b)).convert(spec.color_mode).resize((spec.width, spec.height)) for b in pngs]
-    x = np.stack([np.asarray(im, dtype=np.float32).reshape(spec.height, spec.width, -1) for im in images])
-    x = ((x / 255.0 - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)).transpose(0, 3, 1, 2)
+    x = model_inputs(mv.manifest, pngs, [])
     session = ort.InferenceSession(str(mv.artifact_path("onnx")), providers=["CPUExecutionProvider"])
     logits = session.run(None, {session.get_inputs()[0].name: x.astype(np.float32)})[0]
     e = np.exp(logits - logits.max(axis=1, keepdims=True))
@@ -109,7 +100,7 @@ def test_any_size_and_mode_is_converted(server: RunningServer) -> None:
     big = Image.open(io.BytesIO(digit)).resize((112, 112)).convert("RGBA")
     buf = io.BytesIO()
     big.convert("RGB").save(buf, format="JPEG", quality=95)
-    for body, kind in ((png(np.asarray(big)), "image/png"), (buf.getvalue(), "image/jpeg")):
+    for body, kind in ((png_bytes(np.asarray(big)), "image/png"), (buf.getvalue(), "image/jpeg")):
         r = httpx.post(f"{server.url}/v1/digits/predict", content=body, headers={"Content-Type": kind})
         assert r.status_code == 200 and r.json()["predictions"][0]["index"] == label
 
@@ -252,7 +243,7 @@ def test_truncated_image(server: RunningServer) -> None:
 
 
 def test_decompression_bomb_is_refused(server: RunningServer) -> None:
-    bomb = png(np.zeros((5000, 5000), dtype=np.uint8))  # 25 Mpx in a few kB
+    bomb = png_bytes(np.zeros((5000, 5000), dtype=np.uint8))  # 25 Mpx in a few kB
     assert len(bomb) < 100_000
     r = httpx.post(f"{server.url}/v1/digits/predict", content=bomb, headers={"Content-Type": "image/png"})
     assert_error(r, 413, "image_too_large")
