@@ -45,10 +45,14 @@ def versions(root: Path, name: str) -> list[str]:
 
 
 def model_names(root: Path) -> list[str]:
+    """Every folder that holds numbered version folders: one without a readable manifest is an error at `load`,
+    never a model that silently disappears."""
     root = Path(root)
     if not root.is_dir():
         return []
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and versions(root, p.name))
+    return sorted(
+        p.name for p in root.iterdir() if p.is_dir() and any(v.is_dir() and v.name.isdigit() for v in p.iterdir())
+    )
 
 
 def load(root: Path, name: str, version: str | None = None) -> ModelVersion:
@@ -56,7 +60,8 @@ def load(root: Path, name: str, version: str | None = None) -> ModelVersion:
     available = versions(root, name)
     if not available:
         raise RepositoryError(
-            f"no model {name!r} under {Path(root).resolve()} (expected {name}/<version>/{MANIFEST_FILE})"
+            f"no model {name!r} with a manifest under {Path(root).resolve()} "
+            f"(expected {name}/<version>/{MANIFEST_FILE})"
         )
     version = version or available[-1]
     if version not in available:

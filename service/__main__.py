@@ -7,24 +7,10 @@ import contextlib
 import ctypes
 import os
 import shutil
-import signal
 import sys
 import tempfile
 
 from service.config import Settings
-
-
-def _graceful_sigterm() -> None:
-    """SIGTERM (docker stop, Kubernetes) takes LitServe's graceful path, like Ctrl-C."""
-    main_pid = os.getpid()
-
-    def handler(signum: int, frame: object) -> None:
-        if os.getpid() != main_pid:  # a forked HTTP server, re-raising what uvicorn already handled
-            raise SystemExit(0)
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, handler)
-
 
 # glibc's own knobs (mallopt) and the environment variables that set them in a newly started process.
 _MALLOC = {"MALLOC_ARENA_MAX": (-8, "2"), "MALLOC_MMAP_THRESHOLD_": (-3, "131072")}
@@ -60,21 +46,14 @@ def main() -> None:
     from service import logs
     from service.runtime import DeviceError
     from service.server import build_server
+    from service.supervisor import Supervisor
 
     logs.configure(settings.log_level)
     try:
         server = build_server(settings)
     except (DeviceError, RepositoryError, OSError, ValueError) as e:
         sys.exit(f"nnserve: {e}")
-    _graceful_sigterm()
-    server.run(
-        host=settings.host,
-        port=settings.port,
-        num_api_servers=settings.api_servers,
-        log_level=settings.log_level,
-        generate_client_file=False,
-        access_log=False,  # the gateway logs each request with its id
-    )
+    sys.exit(Supervisor(server, uvicorn_options={}).run())
 
 
 if __name__ == "__main__":

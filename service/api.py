@@ -1,15 +1,15 @@
 """LitServe APIs: one per model, each a thin layer between parsed requests and a runtime.
 
 `parse` runs in the HTTP server process (decode and validate, so bad input never joins a batch); the LitServe
-hooks `setup`, `predict` and `encode_response` run in the inference worker, where LitServe's
-dynamic batching groups requests. Responses leave the worker as finished JSON bytes.
+hooks `setup`, `predict` and `encode_response` run wherever the model runs (see `service/dataplane.py`): in the
+HTTP server process itself, or in a LitServe inference worker. Responses leave them as finished JSON bytes.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import multiprocessing as mp
+import time
 from typing import Any
 
 import litserve as ls
@@ -18,10 +18,11 @@ from starlette.requests import Request
 
 from models import ModelVersion
 from service import logs, metrics
-from service.batching import DrainingLoop
 from service.config import Settings
+from service.dataplane import ModelState
 from service.errors import ApiError
 from service.inputs import ImageDecoder, SeriesParser
+from service.litserve_adapter import DrainingLoop
 from service.runtime import Runtime, load_runtime, planned_providers
 
 logger = logging.getLogger("nnserve")
@@ -34,7 +35,7 @@ MAX_MODEL_BATCH = 64
 class ModelAPI(ls.LitAPI):
     """What every served model shares: loading, warm-up, readiness and per-request failure isolation."""
 
-    def __init__(self, model: ModelVersion, settings: Settings, device: str, threads: int) -> None:
+    def __init__(self, model: ModelVersion, settings: Settings, device: str, threads: int, state: ModelState) -> None:
         super().__init__(
             max_batch_size=settings.max_batch_size,
             batch_timeout=settings.batch_timeout,
@@ -48,8 +49,8 @@ class ModelAPI(ls.LitAPI):
         self.threads = threads
         self.workers = settings.workers_per_device
         self.log_level = settings.log_level
-        # Counts warmed-up workers; shared with the HTTP servers, which answer /ready from it.
-        self.ready_workers = mp.get_context("spawn").Value("i", 0)
+        self.state = state
+        self.errors: Any = None  # where a failed setup says why (set by the server, shared with the supervisor)
         self.runtime: Runtime | None = None
 
     @property
@@ -58,9 +59,6 @@ class ModelAPI(ls.LitAPI):
 
     def planned_providers(self) -> list[str]:
         return planned_providers(self.backend, self.device_kind)
-
-    def is_ready(self) -> bool:
-        return self.ready_workers.value >= self.workers
 
     async def parse(self, request: Request, body: bytes) -> dict[str, Any]:
         raise NotImplementedError
@@ -73,7 +71,13 @@ class ModelAPI(ls.LitAPI):
     def setup(self, device: str) -> None:
         logs.configure(self.log_level)
         artifact = "torchscript" if self.backend == "torchscript" else "onnx"
-        self.runtime = load_runtime(self.backend, self.model.artifact_path(artifact), device, self.threads)
+        try:
+            self.runtime = load_runtime(self.backend, self.model.artifact_path(artifact), device, self.threads)
+            self.check_input(self.runtime.input_shape)
+        except Exception as e:
+            if self.errors is not None:
+                self.errors.put(f"model {self.name} could not be loaded: {e}")
+            raise
         # First calls allocate and pick kernels (on both the one-thread and the wide session): pay before ready.
         for n in (1, 8, 64):
             self.run(self.warmup_batch(n))
@@ -86,8 +90,24 @@ class ModelAPI(ls.LitAPI):
             ",".join(self.runtime.providers),
             self.threads,
         )
-        with self.ready_workers.get_lock():
-            self.ready_workers.value += 1
+
+    def worker_started(self, worker_id: int) -> None:
+        """An inference worker finished `setup`: count it as ready (worker mode)."""
+        logs.name_process(f"worker-{self.name}-{worker_id}")
+        self.state.ready[worker_id] = 1
+
+    def check_input(self, shape: list[int | str | None] | None) -> None:
+        """The graph takes what the manifest promises: same rank, same fixed sizes (named axes are dynamic)."""
+        expected = self.manifest.input.shape
+        if shape is None:
+            return
+        fixed = [d if isinstance(d, int) else None for d in shape]
+        wanted = [d if isinstance(d, int) and d > 0 else None for d in expected]
+        clash = len(fixed) != len(wanted) or any(
+            f is not None and w is not None and f != w for f, w in zip(fixed, wanted, strict=True)
+        )
+        if clash:
+            raise ValueError(f"the graph's input shape {shape} does not match the manifest's input.shape {expected}")
 
     def warmup_batch(self, n: int) -> np.ndarray:
         raise NotImplementedError
@@ -100,9 +120,13 @@ class ModelAPI(ls.LitAPI):
 
     def predict(self, requests: list[dict[str, Any]]) -> list[Any]:
         """Run all requests' items in one model call; if that fails, run each alone so one cannot sink the rest."""
-        metrics.observe_batch(self.name, len(requests), sum(self.items(r) for r in requests))
+        items = sum(self.items(r) for r in requests)
+        metrics.observe_batch(self.name, len(requests), items)
+        start = time.perf_counter()
         try:
-            return self.predict_batch(requests)
+            results = self.predict_batch(requests)
+            self.state.observe(items, time.perf_counter() - start)
+            return results
         except Exception:
             logger.exception("batched call of %s failed; retrying its %d requests one by one", self.name, len(requests))
         results: list[Any] = []
@@ -125,8 +149,8 @@ class ModelAPI(ls.LitAPI):
 
 
 class ClassifierAPI(ModelAPI):
-    def __init__(self, model: ModelVersion, settings: Settings, device: str, threads: int) -> None:
-        super().__init__(model, settings, device, threads)
+    def __init__(self, model: ModelVersion, settings: Settings, device: str, threads: int, state: ModelState) -> None:
+        super().__init__(model, settings, device, threads, state)
         spec = self.manifest.preprocessing
         assert spec is not None and self.manifest.labels is not None
         self.decoder = ImageDecoder(spec, settings.max_image_pixels, settings.max_items_per_request)
@@ -146,6 +170,14 @@ class ClassifierAPI(ModelAPI):
         if not 1 <= top_k <= len(self.labels):
             raise ApiError(422, "invalid_parameter", f"top_k must be an integer from 1 to {len(self.labels)}")
         return {"x": x, "top_k": top_k}
+
+    def check_input(self, shape: list[int | str | None] | None) -> None:
+        super().check_input(shape)
+        spec = self.manifest.preprocessing
+        assert spec is not None
+        made = [self.decoder.channels, spec.height, spec.width]
+        if shape is not None and [d if isinstance(d, int) else None for d in shape[1:]] != made:
+            raise ValueError(f"preprocessing makes {made} images ({spec.color_mode}) but the graph takes {shape}")
 
     def warmup_batch(self, n: int) -> np.ndarray:
         spec = self.manifest.preprocessing
@@ -175,8 +207,8 @@ class ClassifierAPI(ModelAPI):
 
 
 class ForecastAPI(ModelAPI):
-    def __init__(self, model: ModelVersion, settings: Settings, device: str, threads: int) -> None:
-        super().__init__(model, settings, device, threads)
+    def __init__(self, model: ModelVersion, settings: Settings, device: str, threads: int, state: ModelState) -> None:
+        super().__init__(model, settings, device, threads, state)
         assert self.manifest.series is not None
         self.parser = SeriesParser(self.manifest.series, settings.max_items_per_request)
 
@@ -211,6 +243,6 @@ class ForecastAPI(ModelAPI):
         return out
 
 
-def build_api(model: ModelVersion, settings: Settings, device: str, threads: int) -> ModelAPI:
+def build_api(model: ModelVersion, settings: Settings, device: str, threads: int, state: ModelState) -> ModelAPI:
     cls = ClassifierAPI if model.manifest.task == "classification" else ForecastAPI
-    return cls(model, settings, device, threads)
+    return cls(model, settings, device, threads, state)

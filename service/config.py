@@ -24,7 +24,12 @@ class Settings(BaseSettings):
     batch_timeout: float = Field(
         0.0, ge=0, description="Extra seconds a non-full batch waits for more; 0 batches what is already queued."
     )
-    workers_per_device: int = Field(1, ge=1, description="Inference processes per model and device.")
+    execution: Literal["auto", "inline", "worker"] = Field(
+        "auto",
+        description="Where models run: inline in the HTTP processes, or in LitServe inference workers; "
+        "auto is inline on a CPU and worker on a GPU.",
+    )
+    workers_per_device: int = Field(1, ge=1, description="Inference processes per model and device (worker mode).")
     api_servers: int = Field(2, ge=1, description="HTTP server processes (decode and validate run there).")
     intra_op_threads: int = Field(
         0, ge=0, description="Threads for batches of 8+ (smaller use one); 0 splits the cores among a model's workers."
@@ -33,10 +38,21 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(10 * 2**20, ge=1024, description="Largest accepted request body (413 above).")
     max_items_per_request: int = Field(256, ge=1, description="Most images or series in one request (413 above).")
     max_image_pixels: int = Field(4096 * 4096, ge=1, description="Largest decoded image, width x height (413 above).")
-    max_in_flight: int = Field(2048, ge=1, description="Items in flight per model before 503 + Retry-After.")
+    max_in_flight: int = Field(
+        16384, ge=1, description="Items in flight per model, whole server, before 503 + Retry-After (a memory bound)."
+    )
+    max_queue_delay: float | None = Field(
+        None, gt=0, description="Expected wait beyond which new work is refused 503; default half the request timeout."
+    )
     request_timeout: float = Field(30.0, gt=0, description="Seconds before a request is answered 504.")
+    shutdown_grace: float = Field(
+        30.0, ge=0, description="Seconds in-flight requests get to finish after SIGTERM before the server exits."
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity.")
     access_log: bool = Field(True, description="One info line per request, with its request id.")
+
+    def queue_delay_limit(self) -> float:
+        return self.max_queue_delay if self.max_queue_delay is not None else self.request_timeout / 2
 
     def model_list(self) -> list[str]:
         return [m.strip() for m in self.models.split(",") if m.strip()]

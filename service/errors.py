@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
-
-logger = logging.getLogger("nnserve")
 
 _CODES = {
     400: "bad_request",
@@ -63,5 +60,5 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
-        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        # Starlette re-raises the exception after this answer; the gateway logs it with the request id.
         return error_response(500, "internal", "internal server error")

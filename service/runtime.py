@@ -26,6 +26,7 @@ class DeviceError(RuntimeError):
 
 class Runtime(Protocol):
     providers: list[str]
+    input_shape: list[int | str | None] | None  # as the graph declares it; None when the format does not say
 
     def run(self, x: np.ndarray) -> np.ndarray: ...
 
@@ -40,28 +41,47 @@ def _gpu_count() -> int:
     return sum(line.startswith("GPU ") for line in out.splitlines())
 
 
-def _cuda_usable(backend: str) -> tuple[bool, str]:
-    """Whether `backend` can run on a GPU here, and if not, why (cheap checks first: no GPU, no import)."""
+def _cuda_usable(backend: str, probe: Path) -> tuple[bool, str]:
+    """Whether `backend` really runs on a GPU here, and if not, why.
+
+    Cheap checks first (no GPU, no import); then one real session on the GPU with the `probe` model, because a
+    listed CUDA provider says nothing of the driver: onnxruntime-gpu lists it always, and falls back to the CPU
+    when its CUDA libraries cannot load.
+    """
     if _gpu_count() == 0:
         return False, "nvidia-smi lists no GPU"
     if backend == "torchscript":
         import torch
 
-        return (True, "") if torch.cuda.is_available() else (False, "torch.cuda.is_available() is False")
+        if not torch.cuda.is_available():
+            return False, "torch.cuda.is_available() is False"
+        try:
+            torch.ones(1, device="cuda").sum().item()
+        except RuntimeError as e:
+            return False, f"a CUDA tensor operation failed: {e}"
+        return True, ""
     import onnxruntime as ort
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return False, "this onnxruntime has no CUDAExecutionProvider (install the `gpu` extra: onnxruntime-gpu)"
+    try:
+        session = ort.InferenceSession(str(probe), providers=onnx_providers("cuda"))
+    except Exception as e:  # onnxruntime raises its own exception types
+        return False, f"a CUDA session could not be created: {e}"
+    if session.get_providers()[0] != "CUDAExecutionProvider":
+        return False, f"ONNX Runtime fell back to {session.get_providers()} (driver or CUDA libraries unusable)"
     return True, ""
 
 
-def resolve_device(setting: str, backend: str) -> Device:
-    """Turn `auto|cpu|cuda` into the device to use; a GPU-only setting without a usable GPU fails loudly."""
+def resolve_device(setting: str, backend: str, probe: Path) -> Device:
+    """Turn `auto|cpu|cuda` into the device to use: `cuda` without a usable GPU fails loudly, `auto` warns."""
     if setting == "cpu":
         return "cpu"
-    usable, why = _cuda_usable(backend)
+    usable, why = _cuda_usable(backend, probe)
     if setting == "cuda" and not usable:
         raise DeviceError(f"NNSERVE_DEVICE=cuda but no GPU is usable with the {backend} backend: {why}")
+    if not usable and why != "nvidia-smi lists no GPU":
+        logger.warning("a GPU is present but unusable (%s); serving on the CPU", why)
     return "cuda" if usable else "cpu"
 
 
@@ -100,6 +120,7 @@ class OnnxRuntime:
         if on_gpu and self.providers[0] != "CUDAExecutionProvider":
             raise DeviceError(f"ONNX Runtime could not start the CUDA provider for {path}; it offered {self.providers}")
         self._input = self.narrow.get_inputs()[0].name
+        self.input_shape = list(self.narrow.get_inputs()[0].shape)
 
     @staticmethod
     def _session(path: Path, device: str, threads: int) -> Any:
@@ -133,6 +154,7 @@ class TorchScriptRuntime:
             self.module = torch.jit.load(str(path), map_location=self.device).eval()
         self._torch = torch
         self.providers = [f"torch:{self.device.type}"]
+        self.input_shape = None
 
     def run(self, x: np.ndarray) -> np.ndarray:
         with self._torch.inference_mode():

@@ -63,9 +63,15 @@ class ModelInfo(BaseModel):
     task: str
     backend: str
     device: str
+    execution: str = Field(description="inline (in the HTTP processes) or worker (LitServe inference workers).")
     providers: list[str]
     ready: bool
     manifest: dict[str, Any]
+
+
+class Readiness(BaseModel):
+    status: str = Field(description="ready, not_ready or shutting_down.")
+    not_ready: list[str] = Field(description="Models that cannot answer now.")
 
 
 class ModelList(BaseModel):
@@ -77,10 +83,12 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     for status, text in {
         400: "Bad input: not an image, empty body, malformed JSON.",
         401: "Missing or wrong API key.",
+        408: "The request's headers or body did not arrive in time.",
         413: "Body, item count or image size over the limit.",
         415: "Content type not accepted.",
         422: "Invalid series, horizon or parameter.",
-        503: "Overloaded (see Retry-After) or not ready.",
+        500: "The model failed on this request.",
+        503: "Overloaded, not ready, shutting down, or the model's worker stopped (see Retry-After).",
         504: "Timed out.",
     }.items()
 }

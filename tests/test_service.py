@@ -357,7 +357,7 @@ def test_overload_is_refused_early_and_nothing_hangs() -> None:
                 assert [p["index"] for p in r.json()["predictions"]] == labels
             else:
                 assert_error(r, 503, "overloaded")
-                assert r.headers["retry-after"] == "1"
+                assert int(r.headers["retry-after"]) >= 1
         text = httpx.get(f"{srv.url}/metrics").text
         assert float(_sample(text, 'nnserve_overload_rejections_total{model="digits"}')) == statuses.count(503)
         assert_still_serving(srv.url)
@@ -378,7 +378,7 @@ def test_api_key() -> None:
         url = f"{srv.url}/v1/digits/predict"
         image = {"Content-Type": "image/png"}
         assert httpx.get(f"{srv.url}/health").status_code == 200  # probes need no key
-        assert_error(httpx.get(f"{srv.url}/ready"), 401, "unauthorized")
+        assert httpx.get(f"{srv.url}/ready").status_code == 200
         assert_error(httpx.get(f"{srv.url}/v1/models"), 401, "unauthorized")
         assert_error(httpx.post(url, content=digit, headers=image), 401, "unauthorized")
         assert_error(httpx.post(url, content=digit, headers={**image, "X-API-Key": "wrong"}), 401, "unauthorized")
@@ -392,7 +392,8 @@ def test_no_api_key_means_open(server: RunningServer) -> None:
 
 
 def test_ready_only_after_warm_up_and_torchscript_backend_agrees(server: RunningServer) -> None:
-    with running_server(wait=False, NNSERVE_BACKEND="torchscript") as srv:
+    # Worker mode: the HTTP servers answer at once while the workers load (inline mode accepts only once warm).
+    with running_server(wait=False, NNSERVE_BACKEND="torchscript", NNSERVE_EXECUTION="worker") as srv:
         seen: list[tuple[int, int]] = []
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -401,7 +402,7 @@ def test_ready_only_after_warm_up_and_torchscript_backend_agrees(server: Running
                 seen.append((httpx.get(f"{srv.url}/health", timeout=2).status_code, ready.status_code))
                 if ready.status_code == 200:
                     break
-                assert ready.json()["status"] == "loading"
+                assert ready.json()["status"] == "not_ready"
             except httpx.TransportError:
                 pass
             time.sleep(0.02)
@@ -421,12 +422,13 @@ def test_ready_only_after_warm_up_and_torchscript_backend_agrees(server: Running
 
 def test_device_selection() -> None:
     """auto falls back to the CPU here; a GPU-only setting fails at start with a clear message."""
-    assert resolve_device("cpu", "onnx") == "cpu"
-    if resolve_device("auto", "onnx") == "cuda":  # a machine with a usable GPU
-        assert resolve_device("cuda", "onnx") == "cuda"
+    probe = ROOT / "models/digits/1/model.onnx"
+    assert resolve_device("cpu", "onnx", probe) == "cpu"
+    if resolve_device("auto", "onnx", probe) == "cuda":  # a machine with a usable GPU
+        assert resolve_device("cuda", "onnx", probe) == "cuda"
         return
     with pytest.raises(DeviceError, match="no GPU is usable"):
-        resolve_device("cuda", "onnx")
+        resolve_device("cuda", "onnx", probe)
     with running_server(wait=False, NNSERVE_DEVICE="cuda") as srv:
         assert srv.process.wait(timeout=60) != 0
         assert "NNSERVE_DEVICE=cuda" in srv.output() and "no GPU is usable" in srv.output()

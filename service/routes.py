@@ -1,0 +1,89 @@
+"""The REST layer: HTTP in, HTTP out. It reads and parses requests and hands the work to the data plane."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import FastAPI
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from service import logs, metrics, schemas
+from service.api import ModelAPI
+from service.dataplane import DataPlane
+from service.errors import ApiError
+from service.inputs import read_body
+
+OPEN_PATHS = {"/health", "/ready"}  # probes cannot send headers: no API key needed
+
+
+def register_operations(app: FastAPI, plane: DataPlane) -> None:
+    @app.api_route("/health", methods=["GET", "HEAD"], tags=["operations"])
+    async def health() -> dict[str, str]:
+        """The process is up (no API key needed: for liveness probes)."""
+        return {"status": "ok"}
+
+    @app.get(
+        "/ready",
+        tags=["operations"],
+        response_model=schemas.Readiness,
+        responses={503: {"model": schemas.Readiness, "description": "A model cannot answer, or shutting down."}},
+    )
+    async def ready() -> Response:
+        """Every model can answer (no API key needed: for readiness probes)."""
+        if plane.draining():
+            return JSONResponse({"status": "shutting_down", "not_ready": list(plane.apis)}, status_code=503)
+        waiting = [name for name in plane.apis if not plane.model_ready(name)]
+        if waiting:
+            return JSONResponse({"status": "not_ready", "not_ready": waiting}, status_code=503)
+        return JSONResponse({"status": "ready", "not_ready": []})
+
+    @app.get("/v1/models", tags=["models"], response_model=schemas.ModelList)
+    async def list_models() -> dict[str, Any]:
+        return {"models": [plane.model_info(name) for name in plane.apis]}
+
+    @app.get(
+        "/v1/models/{name}",
+        tags=["models"],
+        response_model=schemas.ModelInfo,
+        responses={404: {"model": schemas.ErrorResponse}},
+    )
+    async def get_model(name: str) -> dict[str, Any]:
+        return plane.model_info(plane.known(name))
+
+    @app.get("/metrics", tags=["operations"], response_class=Response)
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+def register_predict(app: FastAPI, plane: DataPlane, api: ModelAPI) -> None:
+    settings = plane.settings
+    name = api.name
+
+    async def predict(request: Request) -> Response:
+        plane.check_ready(name)
+        plane.check_capacity(name, 1)  # full already: refuse before spending time on the body
+        try:
+            async with asyncio.timeout(settings.request_timeout):  # decoding counts against the timeout too
+                body = await read_body(request, settings.max_request_bytes)
+                payload = await api.parse(request, body)
+                payload["request_id"] = logs.REQUEST_ID.get()
+                answer = await plane.infer(name, payload)
+        except TimeoutError:
+            raise ApiError(504, "timeout", f"no answer within {settings.request_timeout:g} s") from None
+        if isinstance(answer, tuple):
+            raise ApiError(*answer)
+        return Response(answer, media_type="application/json")
+
+    classify = api.manifest.task == "classification"
+    app.add_api_route(
+        api.api_path,
+        predict,
+        methods=["POST"],
+        tags=["predict"],
+        summary=f"{name}: {api.manifest.description}",
+        response_model=schemas.ClassifyResponse if classify else schemas.ForecastResponse,
+        responses=schemas.ERRORS,
+        openapi_extra=schemas.CLASSIFY_BODY if classify else schemas.FORECAST_BODY,
+    )

@@ -1,0 +1,265 @@
+"""The contract with LitServe's internals (service/litserve_adapter.py), and the batching loop with no HTTP.
+
+Every private name the adapter relies on is checked here for presence and shape, so a LitServe upgrade that
+changes one fails with the symbol's name instead of a hang at run time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import pickle
+import re
+import threading
+from pathlib import Path
+from queue import Queue
+from typing import Any, ClassVar
+
+import litserve as ls
+import numpy as np
+import pytest
+from fastapi import HTTPException
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _parameters(func: Any) -> list[str]:
+    return list(inspect.signature(func).parameters)
+
+
+def _require(condition: bool, symbol: str, what: str) -> None:
+    assert condition, f"LitServe changed {symbol}: {what} (update service/litserve_adapter.py)"
+
+
+def test_private_symbols_exist_with_the_shapes_the_adapter_needs() -> None:
+    from litserve.loops import base
+    from litserve.loops.simple_loops import BatchedLoop
+    from litserve.transport.process_transport import MPQueueTransport
+    from litserve.utils import LitAPIStatus, ResponseBufferItem
+
+    server = ls.LitServer
+    _require(hasattr(server, "_init_manager"), "LitServer._init_manager", "missing")
+    _require(_parameters(server._init_manager) == ["self", "num_api_servers"], "LitServer._init_manager", "signature")
+    _require(
+        _parameters(server.launch_inference_worker) == ["self", "lit_api"], "LitServer.launch_inference_worker", "args"
+    )
+    _require(
+        _parameters(server._inference_workers_config_for_api) == ["self", "api_path"],
+        "LitServer._inference_workers_config_for_api",
+        "signature",
+    )
+    _require(
+        _parameters(server._register_api_endpoints) == ["self", "lit_api", "request_type", "response_type"],
+        "LitServer._register_api_endpoints",
+        "signature",
+    )
+    _require(_parameters(server._register_internal_endpoints) == ["self"], "LitServer._register_internal_endpoints", "")
+    _require(_parameters(server._register_middleware) == ["self"], "LitServer._register_middleware", "signature")
+    _require(_parameters(server.lifespan) == ["self", "app"], "LitServer.lifespan", "signature")
+    _require(_parameters(MPQueueTransport.__init__) == ["self", "manager", "queues"], "MPQueueTransport", "signature")
+    _require(base._SENTINEL_VALUE == (None, None, None, None), "litserve.loops.base._SENTINEL_VALUE", "value")
+    _require(issubclass(base._StopLoopError, Exception), "litserve.loops.base._StopLoopError", "not an exception")
+    _require(
+        _parameters(BatchedLoop.get_batch_requests) == ["self", "lit_api", "request_queue", "transport"],
+        "BatchedLoop.get_batch_requests",
+        "signature",
+    )
+    call = _parameters(BatchedLoop.__call__)
+    _require(call[:4] == ["self", "lit_api", "device", "worker_id"], "BatchedLoop.__call__", f"arguments {call}")
+    _require(hasattr(LitAPIStatus, "ERROR") and hasattr(LitAPIStatus, "OK"), "litserve.utils.LitAPIStatus", "members")
+    item = ResponseBufferItem(asyncio.Event())
+    _require(hasattr(item, "response") and hasattr(item, "event"), "litserve.utils.ResponseBufferItem", "fields")
+
+
+def test_the_constructor_still_calls_the_route_hooks_and_sets_the_attributes() -> None:
+    """A real LitServer built by the adapter: the hooks run, GZip is gone, the queue attributes exist."""
+    from service.litserve_adapter import AdaptedServer
+
+    calls: list[str] = []
+
+    class Probe(AdaptedServer):
+        def register_routes(self) -> None:
+            calls.append("routes")
+
+        def register_predict_route(self, lit_api: ls.LitAPI) -> None:
+            calls.append(lit_api.api_path)
+
+    class Echo(ls.LitAPI):
+        def setup(self, device: str) -> None: ...
+
+        def predict(self, x: Any) -> Any:
+            return x
+
+    server = Probe(Echo(api_path="/echo"), accelerator="cpu", devices=1)
+    assert calls == ["routes", "/echo"]
+    assert not any("GZip" in repr(m) for m in server.app.user_middleware), "LitServe's GZip middleware was added"
+    server.init_queues(2)
+    assert set(server.litapi_request_queues) == {"/echo"}
+    assert server.workers_per_api(server.lit_api) == 1
+    assert hasattr(server, "_transport") and hasattr(server, "response_buffer")
+
+
+def test_only_the_adapter_imports_litserve_internals() -> None:
+    offenders = []
+    for path in (ROOT / "service").rglob("*.py"):
+        if path.name == "litserve_adapter.py":
+            continue
+        if re.search(r"^\s*(from|import) litserve\.", path.read_text(), re.MULTILINE):
+            offenders.append(path.name)
+    assert offenders == [], f"only service/litserve_adapter.py may import litserve.<module>: {offenders}"
+
+
+# --- the batching loop, in process, with plain queues -------------------------------------------------------
+class _Api:
+    def __init__(self, max_batch_size: int, batch_timeout: float = 0.0, request_timeout: float = 30.0) -> None:
+        self.max_batch_size = max_batch_size
+        self.batch_timeout = batch_timeout
+        self.request_timeout = request_timeout
+
+
+def _item(uid: str, age: float = 0.0) -> tuple[int, str, float, dict[str, str]]:
+    import time
+
+    return (0, uid, time.monotonic() - age, {"uid": uid})
+
+
+def test_loop_takes_everything_queued_up_to_the_batch_size() -> None:
+    from service.litserve_adapter import DrainingLoop
+
+    queue: Queue = Queue()
+    for i in range(5):
+        queue.put(_item(str(i)))
+    batch, timed_out = DrainingLoop().get_batch_requests(_Api(max_batch_size=3), queue, None)
+    assert [uid for _, uid, _ in batch] == ["0", "1", "2"] and timed_out == []
+    batch, _ = DrainingLoop().get_batch_requests(_Api(max_batch_size=3), queue, None)
+    assert [uid for _, uid, _ in batch] == ["3", "4"]
+
+
+def test_loop_waits_for_more_only_within_the_timeout() -> None:
+    from service.litserve_adapter import DrainingLoop
+
+    queue: Queue = Queue()
+    queue.put(_item("a"))
+    threading.Timer(0.05, queue.put, args=(_item("b"),)).start()
+    batch, _ = DrainingLoop().get_batch_requests(_Api(max_batch_size=4, batch_timeout=0.5), queue, None)
+    assert [uid for _, uid, _ in batch] == ["a", "b"]  # b arrived within the wait
+    queue.put(_item("c"))
+    batch, _ = DrainingLoop().get_batch_requests(_Api(max_batch_size=4, batch_timeout=0.0), queue, None)
+    assert [uid for _, uid, _ in batch] == ["c"]
+
+
+def test_loop_idles_without_spinning_and_stops_on_the_sentinel() -> None:
+    from litserve.loops.base import _SENTINEL_VALUE, _StopLoopError
+
+    from service.litserve_adapter import IDLE_POLL_S, DrainingLoop
+
+    queue: Queue = Queue()
+    import time
+
+    start = time.monotonic()
+    assert DrainingLoop().get_batch_requests(_Api(4), queue, None) == ([], [])
+    assert time.monotonic() - start >= IDLE_POLL_S * 0.9  # it blocked, it did not poll
+    queue.put(_SENTINEL_VALUE)
+    with pytest.raises(_StopLoopError):
+        DrainingLoop().get_batch_requests(_Api(4), queue, None)
+
+
+def test_loop_times_out_requests_that_waited_too_long() -> None:
+    from service.litserve_adapter import DrainingLoop
+
+    queue: Queue = Queue()
+    queue.put(_item("old", age=10.0))
+    queue.put(_item("new"))
+    batch, timed_out = DrainingLoop().get_batch_requests(_Api(4, request_timeout=5.0), queue, None)
+    assert [uid for _, uid, _ in batch] == ["new"] and timed_out == [(0, "old")]
+
+
+def test_exchange_reads_answers_errors_and_worker_failure() -> None:
+    """The request/answer convention of the adapter, driven by hand as a worker would answer."""
+    from litserve.utils import LitAPIStatus
+
+    from service.litserve_adapter import AdaptedServer, WorkerFailure
+
+    class Server(AdaptedServer):
+        def register_routes(self) -> None: ...
+
+        def register_predict_route(self, lit_api: ls.LitAPI) -> None: ...
+
+    class Echo(ls.LitAPI):
+        def setup(self, device: str) -> None: ...
+
+        def predict(self, x: Any) -> Any:
+            return x
+
+    api = Echo(api_path="/echo")
+    server = Server(api, accelerator="cpu", devices=1)
+    server.init_queues(1)
+    server.set_api_server_id(server.app, 0)
+    queue = server.litapi_request_queues["/echo"]
+
+    async def answer_with(response: Any, status: Any) -> Any:
+        task = asyncio.create_task(server.exchange(api, {"x": 1}, 0.05, lambda: False))
+        response_queue_id, uid, _, payload = await asyncio.to_thread(queue.get, timeout=5)
+        assert response_queue_id == 0 and payload == {"x": 1}
+        server.response_buffer[uid].response = (response, status)
+        server.response_buffer[uid].event.set()
+        return await task
+
+    async def scenario() -> None:
+        assert await answer_with(b"ok", LitAPIStatus.OK) == b"ok"
+        with pytest.raises(WorkerFailure) as failure:
+            await answer_with(pickle.dumps(HTTPException(504, "late")), LitAPIStatus.ERROR)
+        assert failure.value.timed_out
+        with pytest.raises(WorkerFailure) as failure:
+            await answer_with(pickle.dumps(ValueError("boom")), LitAPIStatus.ERROR)
+        assert not failure.value.timed_out
+        failed = False
+        task = asyncio.create_task(server.exchange(api, {"x": 2}, 0.05, lambda: failed))
+        await asyncio.sleep(0.1)
+        failed = True
+        with pytest.raises(WorkerFailure):
+            await asyncio.wait_for(task, 1.0)  # the dead worker is noticed within a poll, not a timeout
+        assert server.response_buffer == {}
+
+    asyncio.run(scenario())
+
+
+def test_inline_executor_batches_what_queued_while_a_batch_ran() -> None:
+    """The inline executor's batcher, in process: requests queued behind a running batch form the next one."""
+    from service.dataplane import InlineExecutor, ModelState
+
+    class SlowApi:
+        name = "probe"
+        max_batch_size = 8
+        batches: ClassVar[list[int]] = []
+
+        def setup(self, device: str) -> None: ...
+
+        @staticmethod
+        def items(payload: dict[str, Any]) -> int:
+            return 1
+
+        def predict(self, payloads: list[dict[str, Any]]) -> list[Any]:
+            import time
+
+            self.batches.append(len(payloads))
+            time.sleep(0.05)
+            return [np.asarray(p["x"]) * 2 for p in payloads]
+
+        def encode_response(self, y: Any) -> Any:
+            return int(y)
+
+    async def scenario() -> list[Any]:
+        executor = InlineExecutor(SlowApi(), ModelState(slots=1, http_servers=1), slot=0)
+        executor.load("cpu")
+        executor.start()
+        assert executor.is_ready()
+        first = asyncio.create_task(executor.submit({"x": 0}))
+        await asyncio.sleep(0.01)  # the first batch is running
+        rest = [asyncio.create_task(executor.submit({"x": i})) for i in range(1, 6)]
+        answers = [await first, *[await r for r in rest]]
+        await executor.stop()
+        return answers
+
+    assert asyncio.run(scenario()) == [0, 2, 4, 6, 8, 10]
+    assert SlowApi.batches == [1, 5]
