@@ -245,11 +245,14 @@ class DataPlane:
         return name
 
     def check_ready(self, name: str) -> None:
-        """This process can run `name` now; else 503 at once (a held request would only time out)."""
+        """This process can run `name` now; else 503 at once (a held request would only time out).
+
+        Shutting down is no reason to refuse: a request that reached this process before its socket closed is
+        in flight, and is answered.
+        """
         executor = self.executors.get(name)
-        if self.draining() or executor is None or not executor.is_ready():
-            why = "the server is shutting down" if self.draining() else f"model {name} is not ready"
-            raise ApiError(503, "not_ready", f"{why}; retry shortly", {"Retry-After": "1"})
+        if executor is None or not executor.is_ready():
+            raise ApiError(503, "not_ready", f"model {name} is not ready; retry shortly", {"Retry-After": "1"})
 
     # --- admission and execution ------------------------------------------------------------------------
     def check_capacity(self, name: str, items: int) -> None:

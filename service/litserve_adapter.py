@@ -113,14 +113,20 @@ class AdaptedServer(ls.LitServer):
     def workers_per_api(self, lit_api: ls.LitAPI) -> int:
         return len(self._inference_workers_config_for_api(lit_api.api_path))
 
-    def stop_workers(self, workers: list[BaseProcess], timeout: float) -> None:
-        """Ask every worker's loop to stop (one sentinel per worker), then end what is still running."""
+    def stop_workers(self, workers: dict[str, list[BaseProcess]], timeout: float) -> None:
+        """Ask each live worker's loop to stop (one sentinel each), then end what is still running.
+
+        A queue whose reader died can be full for good, and a process exits only after its queues' feeder threads
+        have written everything: so no sentinel goes to a dead reader, and exit never waits on a queue.
+        """
         for api in self.litapi_connector:
-            queue = self.litapi_request_queues.get(api.api_path)
-            for _ in range(self.workers_per_api(api) if queue is not None else 0):
-                queue.put(_SENTINEL_VALUE)
+            queue = self.litapi_request_queues[api.api_path]
+            queue.cancel_join_thread()
+            for worker in workers.get(api.api_path, []):
+                if worker.is_alive():
+                    queue.put(_SENTINEL_VALUE)
         deadline = time.monotonic() + timeout
-        for worker in workers:
+        for worker in (w for ws in workers.values() for w in ws):
             worker.join(max(0.0, deadline - time.monotonic()))
             if worker.is_alive():
                 worker.kill()

@@ -101,7 +101,7 @@ class Supervisor:
         try:
             if self.server.mode == "worker":
                 for api in self.server.litapi_connector:
-                    self.workers[api.name] = self.server.start_workers(api)
+                    self.workers[api.api_path] = self.server.start_workers(api)
             for server_id in range(s.api_servers):
                 self._fork_http(server_id)
             self._watch()
@@ -133,10 +133,10 @@ class Supervisor:
             if not was_ready and self._ready_everywhere():
                 was_ready = True
                 logger.info("all models ready")
-            for model, procs in self.workers.items():
-                for worker_id, p in enumerate(procs):
+            for api in self.server.litapi_connector:
+                for worker_id, p in enumerate(self.workers.get(api.api_path, [])):
                     if not p.is_alive():
-                        self._worker_died(model, worker_id, p)
+                        self._worker_died(api.name, worker_id, p)
             for server_id, p in list(self.http.items()):
                 if not p.is_alive():
                     self._http_died(server_id, p)
@@ -185,6 +185,5 @@ class Supervisor:
             if p.is_alive():
                 p.kill()
                 p.join(1)
-        workers = [p for ps in self.workers.values() for p in ps]
-        if workers:
-            self.server.stop_workers(workers, timeout=5)
+        if self.workers:
+            self.server.stop_workers(self.workers, timeout=5)

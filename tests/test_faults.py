@@ -56,6 +56,10 @@ def _load(url: str, model: str, body: bytes, clients: int = 4) -> Iterator[list[
             t.join(70)
 
 
+def _sample(text: str, name: str) -> float:
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
 def _last_nnserve_line(output: str) -> str:
     return [line for line in output.splitlines() if " nnserve " in line][-1]
 
@@ -160,9 +164,14 @@ def test_wrong_input_shape_fails_the_start(tmp_path: Path, execution: str) -> No
 
 def test_preprocessing_that_does_not_fit_the_graph_fails_the_start(tmp_path: Path) -> None:
     root = _copy_repository(tmp_path)
-    _rewrite_manifest(root / "digits" / "1", lambda m: m["preprocessing"].update(color_mode="RGB"))
+
+    def rgb(manifest: dict) -> None:  # a manifest consistent in itself, for a graph that takes grey images
+        manifest["preprocessing"].update(color_mode="RGB", mean=[0.1307] * 3, std=[0.3081] * 3)
+        manifest["input"]["shape"] = ["batch", 3, 28, 28]
+
+    _rewrite_manifest(root / "digits" / "1", rgb)
     with running_server(wait=False, NNSERVE_MODELS_DIR=str(root)) as srv:
-        _expect_start_failure(srv, "preprocessing")
+        _expect_start_failure(srv, "does not match the manifest's input.shape")
 
 
 def test_torchscript_without_torch_fails_the_start(tmp_path: Path) -> None:
@@ -194,9 +203,17 @@ def test_sigterm_finishes_in_flight_work_refuses_new_and_exits_zero() -> None:
             except httpx.TransportError:
                 return -1
 
+        def accepted() -> float:
+            """Requests answered 200 plus those in flight (64 items each)."""
+            text = httpx.get(f"{srv.url}/metrics").text
+            done = _sample(text, 'nnserve_requests_total{endpoint="/v1/cifar/predict",status="200"}')
+            return done + _sample(text, 'nnserve_items_in_flight{model="cifar"}') / 64
+
         with ThreadPoolExecutor(32) as pool:
             futures = [pool.submit(send, i) for i in range(32)]
-            time.sleep(0.5)  # all 32 are sent and held
+            deadline = time.monotonic() + 60
+            while accepted() < 32 and time.monotonic() < deadline:
+                time.sleep(0.02)
             os.kill(srv.process.pid, signal.SIGTERM)
             signalled = time.monotonic()
             time.sleep(0.3)

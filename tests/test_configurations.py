@@ -1,0 +1,126 @@
+"""Settings and repository layouts on a running server: each claim the README makes, checked where it acts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+
+import models
+from service.api import ClassifierAPI
+from service.config import Settings
+from service.dataplane import ModelState
+from service.errors import ApiError
+from tests.data import mnist_test, mnist_test_pngs
+from tests.serving import ROOT, RunningServer, descendants, process_name, running_server
+
+PNG = {"Content-Type": "image/png"}
+
+
+def _metric(srv: RunningServer, name: str) -> float:
+    text = httpx.get(f"{srv.url}/metrics").text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / 100  # utime + stime, in clock ticks of 1/100 s
+
+
+def _burst(srv: RunningServer, model: str = "digits", n: int = 64, clients: int = 16) -> list[httpx.Response]:
+    pngs = [b for b, _ in mnist_test_pngs(n)]
+    with ThreadPoolExecutor(clients) as pool:
+        return list(
+            pool.map(lambda b: httpx.post(f"{srv.url}/v1/{model}/predict", content=b, headers=PNG, timeout=30), pngs)
+        )
+
+
+def test_the_newest_version_is_served(tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    shutil.copytree(ROOT / "models" / "digits" / "1", root / "digits" / "1")
+    shutil.copytree(ROOT / "models" / "digits" / "1", root / "digits" / "2")
+    manifest = json.loads((root / "digits" / "2" / "manifest.json").read_text())
+    manifest["version"] = "2"
+    (root / "digits" / "2" / "manifest.json").write_text(json.dumps(manifest))
+    with running_server(NNSERVE_MODELS_DIR=str(root)) as srv:
+        assert httpx.get(f"{srv.url}/v1/models/digits").json()["version"] == "2"
+        digit, label = mnist_test_pngs(1)[0]
+        answer = httpx.post(f"{srv.url}/v1/digits/predict", content=digit, headers=PNG).json()
+        assert answer["version"] == "2" and answer["predictions"][0]["index"] == label
+
+
+def test_models_setting_serves_only_the_named_models() -> None:
+    with running_server(NNSERVE_MODELS="digits") as srv:
+        assert [m["name"] for m in httpx.get(f"{srv.url}/v1/models").json()["models"]] == ["digits"]
+        r = httpx.post(f"{srv.url}/v1/cifar/predict", content=b"x", headers=PNG)
+        assert r.status_code == 404
+
+
+def test_max_batch_size_one_turns_batching_off() -> None:
+    with running_server(NNSERVE_MAX_BATCH_SIZE="1", NNSERVE_API_SERVERS="1") as srv:
+        assert all(r.status_code == 200 for r in _burst(srv))
+        calls = _metric(srv, 'nnserve_batch_requests_count{model="digits"}')
+        requests = _metric(srv, 'nnserve_batch_requests_sum{model="digits"}')
+        assert calls == requests == 64  # one request per model call
+
+
+def test_two_workers_per_model_are_ready_together_and_both_used() -> None:
+    with running_server(
+        wait=False, NNSERVE_EXECUTION="worker", NNSERVE_WORKERS_PER_DEVICE="2", NNSERVE_MODELS="digits"
+    ) as srv:
+        deadline = time.monotonic() + 120
+        workers: list[int] = []
+        while time.monotonic() < deadline:
+            workers = [p for p in descendants(srv.process.pid) if process_name(p).startswith("worker-digits")]
+            try:
+                ready = httpx.get(f"{srv.url}/ready", timeout=2).status_code == 200
+            except httpx.TransportError:
+                ready = False
+            assert not ready or len(workers) == 2, "ready before both workers were"
+            if ready:
+                break
+            time.sleep(0.05)
+        assert len(workers) == 2
+        before = {pid: _cpu_seconds(pid) for pid in workers}
+        for _ in range(4):
+            assert all(r.status_code == 200 for r in _burst(srv, n=128, clients=32))
+        used = {pid: _cpu_seconds(pid) - before[pid] for pid in workers}
+        assert all(seconds > 0 for seconds in used.values()), f"CPU seconds per worker: {used}"
+
+
+class _FailsOnMarkedRows:
+    """A real ONNX Runtime session that raises whenever a batch holds a marked (all-white) image."""
+
+    def __init__(self, path: Path) -> None:
+        self.session = ort.InferenceSession(str(path))
+        self.providers = self.session.get_providers()
+        self.input_shape = self.session.get_inputs()[0].shape
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        if (x.reshape(len(x), -1).min(axis=1) > 2.5).any():  # white after normalization: (1 - 0.1307) / 0.3081
+            raise RuntimeError("marked item")
+        return self.session.run(None, {"input": x})[0]
+
+
+def test_a_failing_item_does_not_fail_its_batch_and_gets_a_500() -> None:
+    """The worker-side fallback: a batch call that fails is retried request by request."""
+    model = models.load(ROOT / "models", "digits")
+    api = ClassifierAPI(model, Settings(), "cpu", 1, ModelState(slots=1, http_servers=1))
+    api.runtime = _FailsOnMarkedRows(model.artifact_path("onnx"))
+    images, labels = mnist_test()
+    good = [{"x": images[i][None, None], "top_k": 1} for i in range(6)]
+    marked = {"x": np.full((1, 1, 28, 28), 255, dtype=np.uint8), "top_k": 1}
+    answers = [api.encode_response(y) for y in api.predict([*good[:3], marked, *good[3:]])]
+    assert answers[3] == (500, "internal", "the model failed on this request (RuntimeError)")
+    for answer, label in zip(answers[:3] + answers[4:], labels[:6], strict=True):
+        assert json.loads(answer)["predictions"][0]["index"] == label
+    error = ApiError(*answers[3])  # what the predict route raises for it
+    response = error.response()
+    assert response.status_code == 500 and json.loads(response.body)["error"]["code"] == "internal"
+
