@@ -21,7 +21,7 @@ from nnserve_client._errors import (
     UnsupportedMediaTypeError,
 )
 from nnserve_client._images import ImageInput
-from nnserve_client._types import ClassScore, Forecast, Health, ModelInfo, Prediction
+from nnserve_client._types import ClassScore, Forecast, Health, ItemError, ModelInfo, Prediction
 from nnserve_client._version import __version__
 
 __all__ = [
@@ -36,6 +36,7 @@ __all__ = [
     "Forecast",
     "Health",
     "ImageInput",
+    "ItemError",
     "ModelInfo",
     "NNServeError",
     "NotFoundError",

@@ -15,9 +15,10 @@ from typing import Any, Self, TypeVar, overload
 import httpx
 
 from nnserve_client import _core
-from nnserve_client._core import Call, Progress, RetryPolicy, Series
-from nnserve_client._images import ImageInput, as_image_list
-from nnserve_client._types import Forecast, Health, ModelInfo, Prediction
+from nnserve_client._core import Batch, Call, Progress, RetryPolicy, Series
+from nnserve_client._errors import NNServeError
+from nnserve_client._images import ImageInput, as_image_list, encode_image
+from nnserve_client._types import Forecast, Health, ItemError, ModelInfo, Prediction
 
 T = TypeVar("T")
 
@@ -40,6 +41,7 @@ class Client:
     ) -> None:
         self._retry = RetryPolicy(retries, backoff)
         self._http = httpx.Client(**_core.http_options(base_url, api_key, timeout, transport))
+        self._max_history: dict[str, int | None] = {}
 
     @property
     def base_url(self) -> str:
@@ -72,28 +74,42 @@ class Client:
 
     def _map(
         self,
-        make_call: Callable[[Sequence[Any]], Call[list[T]]],
+        make_call: Callable[[list[Any]], Call[list[T]]],
+        prepare: Callable[[Any], Any],
         items: Sequence[Any],
         batch_size: int,
         concurrency: int,
         progress: bool,
-    ) -> list[T]:
-        """Results of `items` in order, sent `batch_size` per request with at most `concurrency` in flight."""
+        fail_fast: bool,
+    ) -> list[T | ItemError]:
+        """One result or `ItemError` per item, in order: `batch_size` per request, `concurrency` in flight."""
         work = _core.batches(items, batch_size, concurrency)
         with Progress(len(items), progress) as bar, ThreadPoolExecutor(max_workers=concurrency) as pool:
 
-            def run(batch: Sequence[Any]) -> list[T]:
-                results = self._send(make_call(batch))
-                bar.update(len(batch))
-                return results
+            def run(start: int, inputs: Sequence[Any]) -> list[T | ItemError]:
+                batch: Batch[T] = Batch(start, inputs, prepare, fail_fast)
+                while (group := batch.next_group()) is not None:
+                    try:
+                        batch.answered(group, self._send(make_call(batch.payload(group))))
+                    except NNServeError as exc:
+                        batch.refused(group, exc)
+                bar.update(len(inputs), batch.failures)
+                return batch.done()
 
-            futures = [pool.submit(run, batch) for batch in work]
+            futures = [pool.submit(run, start, inputs) for start, inputs in work]
             try:
                 return [result for future in futures for result in future.result()]
             except BaseException:
                 for future in futures:
                     future.cancel()
                 raise
+
+    def _history_limit(self) -> int | None:
+        """The forecaster's max_history, asked of the server once per client."""
+        if "sequence" not in self._max_history:
+            spec = self.model("sequence").series
+            self._max_history["sequence"] = spec["max_history"] if spec else None
+        return self._max_history["sequence"]
 
     def health(self) -> Health:
         """Whether the server process is up (needs no API key)."""
@@ -136,8 +152,14 @@ class Client:
     @overload
     def forecast(self, series: Iterable[Series], horizon: int | None = None) -> list[Forecast]: ...
     def forecast(self, series: Series | Iterable[Series], horizon: int | None = None) -> Any:
-        """Forecast one series (one `Forecast`) or several in one request; `horizon` defaults to the model's."""
-        return self._send(_core.forecast_call(series, horizon))
+        """Forecast one series (one `Forecast`) or several in one request; `horizon` defaults to the model's.
+
+        A series longer than the model's `max_history` is cut to its most recent values, with a warning.
+        """
+        items, single = _core.as_series_list(series)
+        if items:
+            items = _core.recent_histories(items, self._history_limit())
+        return self._send(_core.forecast_call(items, horizon, single))
 
     def predict_many(
         self,
@@ -147,11 +169,22 @@ class Client:
         concurrency: int = 4,
         progress: bool = False,
         top_k: int = 3,
-    ) -> list[Prediction]:
-        """Classify any number of images: requests of `batch_size`, `concurrency` at a time, results in order."""
+        fail_fast: bool = False,
+    ) -> list[Prediction | ItemError]:
+        """Classify any number of images: requests of `batch_size`, `concurrency` at a time, results in order.
+
+        An image that fails (unreadable file, undecodable image) gets an `ItemError` in its place and the rest
+        go on; `fail_fast=True` raises the first failure instead. `progress=True` shows a count on stderr.
+        """
         items, _ = as_image_list(images)
         return self._map(
-            lambda batch: _core.predict_call(model, batch, top_k), items, batch_size, concurrency, progress
+            lambda batch: _core.predict_call(model, batch, top_k),
+            encode_image,
+            items,
+            batch_size,
+            concurrency,
+            progress,
+            fail_fast,
         )
 
     def forecast_many(
@@ -161,10 +194,21 @@ class Client:
         batch_size: int = 64,
         concurrency: int = 4,
         progress: bool = False,
-    ) -> list[Forecast]:
-        """Forecast any number of series, batched and concurrent like `predict_many`."""
+        fail_fast: bool = False,
+    ) -> list[Forecast | ItemError]:
+        """Forecast any number of series, batched and concurrent like `predict_many`, failures in place."""
         items, _ = _core.as_series_list(series)
-        return self._map(lambda batch: _core.forecast_call(batch, horizon), items, batch_size, concurrency, progress)
+        if items:
+            items = _core.recent_histories(items, self._history_limit())
+        return self._map(
+            lambda batch: _core.forecast_call(batch, horizon),
+            _core.series_values,
+            items,
+            batch_size,
+            concurrency,
+            progress,
+            fail_fast,
+        )
 
 
 class AsyncClient:
@@ -181,6 +225,7 @@ class AsyncClient:
     ) -> None:
         self._retry = RetryPolicy(retries, backoff)
         self._http = httpx.AsyncClient(**_core.http_options(base_url, api_key, timeout, transport))
+        self._max_history: dict[str, int | None] = {}
 
     @property
     def base_url(self) -> str:
@@ -213,24 +258,31 @@ class AsyncClient:
 
     async def _map(
         self,
-        make_call: Callable[[Sequence[Any]], Call[list[T]]],
+        make_call: Callable[[list[Any]], Call[list[T]]],
+        prepare: Callable[[Any], Any],
         items: Sequence[Any],
         batch_size: int,
         concurrency: int,
         progress: bool,
-    ) -> list[T]:
-        """Results of `items` in order, sent `batch_size` per request with at most `concurrency` in flight."""
+        fail_fast: bool,
+    ) -> list[T | ItemError]:
+        """One result or `ItemError` per item, in order: `batch_size` per request, `concurrency` in flight."""
         work = _core.batches(items, batch_size, concurrency)
         gate = asyncio.Semaphore(concurrency)
         with Progress(len(items), progress) as bar:
 
-            async def run(batch: Sequence[Any]) -> list[T]:
+            async def run(start: int, inputs: Sequence[Any]) -> list[T | ItemError]:
                 async with gate:
-                    results = await self._send(make_call(batch))
-                bar.update(len(batch))
-                return results
+                    batch: Batch[T] = Batch(start, inputs, prepare, fail_fast)
+                    while (group := batch.next_group()) is not None:
+                        try:
+                            batch.answered(group, await self._send(make_call(batch.payload(group))))
+                        except NNServeError as exc:
+                            batch.refused(group, exc)
+                bar.update(len(inputs), batch.failures)
+                return batch.done()
 
-            tasks = [asyncio.ensure_future(run(batch)) for batch in work]
+            tasks = [asyncio.ensure_future(run(start, inputs)) for start, inputs in work]
             try:
                 done = await asyncio.gather(*tasks)
             except BaseException:
@@ -238,6 +290,13 @@ class AsyncClient:
                     task.cancel()
                 raise
         return [result for batch_results in done for result in batch_results]
+
+    async def _history_limit(self) -> int | None:
+        """The forecaster's max_history, asked of the server once per client."""
+        if "sequence" not in self._max_history:
+            spec = (await self.model("sequence")).series
+            self._max_history["sequence"] = spec["max_history"] if spec else None
+        return self._max_history["sequence"]
 
     async def health(self) -> Health:
         """Whether the server process is up (needs no API key)."""
@@ -280,8 +339,14 @@ class AsyncClient:
     @overload
     async def forecast(self, series: Iterable[Series], horizon: int | None = None) -> list[Forecast]: ...
     async def forecast(self, series: Series | Iterable[Series], horizon: int | None = None) -> Any:
-        """Forecast one series (one `Forecast`) or several in one request; `horizon` defaults to the model's."""
-        return await self._send(_core.forecast_call(series, horizon))
+        """Forecast one series (one `Forecast`) or several in one request; `horizon` defaults to the model's.
+
+        A series longer than the model's `max_history` is cut to its most recent values, with a warning.
+        """
+        items, single = _core.as_series_list(series)
+        if items:
+            items = _core.recent_histories(items, await self._history_limit())
+        return await self._send(_core.forecast_call(items, horizon, single))
 
     async def predict_many(
         self,
@@ -291,11 +356,22 @@ class AsyncClient:
         concurrency: int = 4,
         progress: bool = False,
         top_k: int = 3,
-    ) -> list[Prediction]:
-        """Classify any number of images: requests of `batch_size`, `concurrency` at a time, results in order."""
+        fail_fast: bool = False,
+    ) -> list[Prediction | ItemError]:
+        """Classify any number of images: requests of `batch_size`, `concurrency` at a time, results in order.
+
+        An image that fails (unreadable file, undecodable image) gets an `ItemError` in its place and the rest
+        go on; `fail_fast=True` raises the first failure instead. `progress=True` shows a count on stderr.
+        """
         items, _ = as_image_list(images)
         return await self._map(
-            lambda batch: _core.predict_call(model, batch, top_k), items, batch_size, concurrency, progress
+            lambda batch: _core.predict_call(model, batch, top_k),
+            encode_image,
+            items,
+            batch_size,
+            concurrency,
+            progress,
+            fail_fast,
         )
 
     async def forecast_many(
@@ -305,9 +381,18 @@ class AsyncClient:
         batch_size: int = 64,
         concurrency: int = 4,
         progress: bool = False,
-    ) -> list[Forecast]:
-        """Forecast any number of series, batched and concurrent like `predict_many`."""
+        fail_fast: bool = False,
+    ) -> list[Forecast | ItemError]:
+        """Forecast any number of series, batched and concurrent like `predict_many`, failures in place."""
         items, _ = _core.as_series_list(series)
+        if items:
+            items = _core.recent_histories(items, await self._history_limit())
         return await self._map(
-            lambda batch: _core.forecast_call(batch, horizon), items, batch_size, concurrency, progress
+            lambda batch: _core.forecast_call(batch, horizon),
+            _core.series_values,
+            items,
+            batch_size,
+            concurrency,
+            progress,
+            fail_fast,
         )

@@ -11,8 +11,11 @@ import json
 import math
 import os
 import random
+import sys
+import threading
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC
@@ -25,7 +28,7 @@ import numpy as np
 
 from nnserve_client import _errors
 from nnserve_client._images import ImageInput, as_image_list, content_type, encode_image
-from nnserve_client._types import Forecast, Health, ModelInfo, Prediction
+from nnserve_client._types import Forecast, Health, ItemError, ModelInfo, Prediction
 from nnserve_client._version import __version__
 
 T = TypeVar("T")
@@ -122,20 +125,26 @@ def predict_call(model: str, images: ImageInput | Iterable[ImageInput], top_k: i
     return Call("POST", path, parse, params, content=_json_body({"instances": instances}), headers=JSON_HEADERS)
 
 
-def forecast_call(series: Series | Iterable[Series], horizon: int | None) -> Call[Any]:
-    items, single = as_series_list(series)
+def forecast_call(items: Sequence[Series], horizon: int | None, single: bool = False) -> Call[Any]:
+    """Series go as one JSON list; `single` gives back one `Forecast` instead of a list of one."""
     if not items:
         raise ValueError("no series given")
-    body = _json_body([_series_body(s, horizon) for s in items])
-    return Call(
-        "POST", "/v1/sequence/predict", _one_or_all(_parse_forecasts, single), content=body, headers=JSON_HEADERS
-    )
+    bodies = [_series_body(s, horizon) for s in items]
+    sent = [len(body["series"]) for body in bodies]
+    parse = _one_or_all(lambda response: _parse_forecasts(response, sent), single)
+    return Call("POST", "/v1/sequence/predict", parse, content=_json_body(bodies), headers=JSON_HEADERS)
 
 
-def _series_body(series: Series, horizon: int | None) -> dict[str, Any]:
+def series_values(series: Series) -> list[float]:
+    """One history as the JSON-ready floats the server reads; JSON has no NaN or infinity."""
     values = [float(v) for v in np.asarray(series, dtype=float).ravel()]
     if not all(math.isfinite(v) for v in values):
         raise ValueError("series values must be finite numbers (JSON has no NaN or infinity)")
+    return values
+
+
+def _series_body(series: Series, horizon: int | None) -> dict[str, Any]:
+    values = series_values(series)
     return {"series": values} if horizon is None else {"series": values, "horizon": horizon}
 
 
@@ -161,10 +170,12 @@ def _parse_predictions(response: httpx.Response) -> list[Prediction]:
     return [Prediction.model_validate({**p, **meta}) for p in body["predictions"]]
 
 
-def _parse_forecasts(response: httpx.Response) -> list[Forecast]:
+def _parse_forecasts(response: httpx.Response, sent: list[int]) -> list[Forecast]:
+    """Forecasts; `history_used` is the server's figure when it gives one, else all that was sent."""
     body = _json(response)
     meta = {"model": body["model"], "version": body["version"]}
-    return [Forecast.model_validate({**p, **meta}) for p in body["predictions"]]
+    predictions = body["predictions"]
+    return [Forecast.model_validate({"history_used": n, **p, **meta}) for p, n in zip(predictions, sent, strict=True)]
 
 
 # Inputs --------------------------------------------------------------------------------------------------
@@ -180,35 +191,141 @@ def as_series_list(series: Series | Iterable[Series]) -> tuple[list[Series], boo
     return items, False  # type: ignore[return-value]
 
 
-def batches(items: Sequence[T], batch_size: int, concurrency: int) -> list[Sequence[T]]:
-    """`items` cut into requests of at most `batch_size`, in order."""
+def recent_histories(items: list[Series], max_history: int | None) -> list[Series]:
+    """Each series cut to its most recent `max_history` values, the most the model reads, with one warning.
+
+    Python shows the warning once per call site (its default filter), not once per call.
+    """
+    if max_history is None or all(len(s) <= max_history for s in items):
+        return items
+    warnings.warn(
+        f"a series is longer than the model's max_history: only its most recent {max_history} values are sent",
+        UserWarning,
+        stacklevel=3,  # the caller of Client.forecast / forecast_many
+    )
+    return [s[-max_history:] if len(s) > max_history else s for s in items]
+
+
+def batches(items: Sequence[T], batch_size: int, concurrency: int) -> list[tuple[int, Sequence[T]]]:
+    """`items` cut into requests of at most `batch_size`, in order, each with the position of its first item."""
     if batch_size < 1 or concurrency < 1:
         raise ValueError("batch_size and concurrency must be at least 1")
-    return [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+    return [(i, items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
+
+
+LOCAL_ERRORS = (OSError, ValueError, TypeError)
+"""What reading or encoding one input can raise: a missing file, an array that is not an image, a NaN."""
+
+ITEM_STATUSES = frozenset({400, 413, 415, 422})
+"""Statuses that blame the request's content: splitting the request finds the items at fault."""
+
+
+def source_name(item: object) -> str | None:
+    return os.fspath(item) if isinstance(item, str | os.PathLike) else None
+
+
+class Batch(Generic[T]):
+    """One batch of a `*_many` call, resolved into one result or `ItemError` per input.
+
+    Inputs that cannot be read fail alone, before anything is sent. A request refused for its content (400, 413,
+    415, 422) is halved until the refused items stand alone, so each good item still gets its result and each
+    bad one its own error: a batch of 64 with one bad image costs 12 more requests. A request the server failed
+    (5xx, or no answer within the client's timeout) fails its items without a retry of the halves, which would
+    fail alike. Anything else (401, 404, an unreachable server) ends the whole call: no other item can succeed.
+    With `fail_fast`, the first failed item's error is raised, with a note naming the item.
+    """
+
+    def __init__(self, start: int, inputs: Sequence[Any], prepare: Callable[[Any], Any], fail_fast: bool) -> None:
+        self.start, self.inputs, self.fail_fast = start, inputs, fail_fast
+        self.results: list[T | ItemError | None] = [None] * len(inputs)
+        self.payloads: dict[int, Any] = {}
+        for offset, item in enumerate(inputs):
+            try:
+                self.payloads[offset] = prepare(item)
+            except LOCAL_ERRORS as exc:
+                self._fail(offset, exc)
+        self.groups: list[list[int]] = [list(self.payloads)] if self.payloads else []
+
+    def next_group(self) -> list[int] | None:
+        """Offsets of the inputs that the next request carries, or None when every input has its result."""
+        return self.groups.pop() if self.groups else None
+
+    def payload(self, group: list[int]) -> list[Any]:
+        return [self.payloads[offset] for offset in group]
+
+    def answered(self, group: list[int], results: list[T]) -> None:
+        for offset, result in zip(group, results, strict=True):
+            self.results[offset] = result
+
+    def refused(self, group: list[int], exc: _errors.NNServeError) -> None:
+        """Record a failed request, or raise when the whole call must stop."""
+        if isinstance(exc, _errors.APIError) and exc.status_code in ITEM_STATUSES:
+            if len(group) > 1:
+                half = len(group) // 2
+                self.groups += [group[half:], group[:half]]  # popped from the end: the first half goes first
+                return
+        elif not isinstance(exc, _errors.ServerError | _errors.ClientTimeoutError):
+            raise exc
+        for offset in group:
+            self._fail(offset, exc)
+
+    def _fail(self, offset: int, exc: Exception) -> None:
+        failure = ItemError(self.start + offset, source_name(self.inputs[offset]), exc)
+        if self.fail_fast:
+            exc.add_note(f"item {failure.index}" + (f": {failure.source}" if failure.source else ""))
+            raise exc
+        self.results[offset] = failure
+
+    @property
+    def failures(self) -> int:
+        return sum(isinstance(r, ItemError) for r in self.results)
+
+    def done(self) -> list[T | ItemError]:
+        assert all(r is not None for r in self.results), "a batch ended with inputs unanswered"
+        return self.results  # type: ignore[return-value]
 
 
 class Progress:
-    """A tqdm bar when asked for, else nothing; tqdm is optional (`pip install nnserve-client[progress]`)."""
+    """`done/total items` on stderr while `*_many` runs, from the standard library alone.
+
+    On a terminal the line is rewritten in place up to 10 times a second; elsewhere (a log, a CI run) a new line
+    is written at most every 5 s, so logs stay short.
+    """
 
     def __init__(self, total: int, enabled: bool) -> None:
-        self._bar = None
-        if enabled:
-            try:
-                from tqdm.auto import tqdm
-            except ImportError as exc:
-                raise ImportError("progress=True needs tqdm: pip install 'nnserve-client[progress]'") from exc
-            self._bar = tqdm(total=total, unit="item")
+        self.total, self.enabled = total, enabled
+        self.done = self.failed = 0
+        self._stream = sys.stderr
+        self._tty = enabled and self._stream.isatty()
+        self._every = 0.1 if self._tty else 5.0
+        self._started = self._shown = time.monotonic()
+        self._lock = threading.Lock()
 
-    def update(self, n: int) -> None:
-        if self._bar is not None:
-            self._bar.update(n)
+    def update(self, n: int, failed: int = 0) -> None:
+        if not self.enabled:
+            return
+        with self._lock:
+            self.done += n
+            self.failed += failed
+            now = time.monotonic()
+            if now - self._shown >= self._every:
+                self._shown = now
+                self._write()
+
+    def _write(self, end: str = "") -> None:
+        elapsed = max(time.monotonic() - self._started, 1e-9)
+        failed = f", {self.failed} failed" if self.failed else ""
+        line = f"{self.done}/{self.total} items{failed} ({self.done / elapsed:.0f}/s)"
+        self._stream.write(f"\r{line}\x1b[K{end}" if self._tty else f"{line}\n")
+        self._stream.flush()
 
     def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        if self._bar is not None:
-            self._bar.close()
+        if self.enabled:
+            with self._lock:
+                self._write(end="\n")
 
 
 # Errors --------------------------------------------------------------------------------------------------
@@ -271,7 +388,9 @@ class RetryPolicy:
         retry_after = parse_retry_after(response.headers.get("Retry-After"))
         if retry_after is None:
             return self.backoff_delay(attempt)
-        return min(self.max_delay, retry_after)
+        # Up to one `backoff` more than asked: clients refused together and told the same Retry-After would
+        # otherwise all come back in the same instant and be refused together again.
+        return min(self.max_delay, retry_after + random.uniform(0, self.backoff))
 
     def after_error(self, attempt: int, exc: httpx.TransportError, call: Call[Any]) -> float:
         """Seconds to wait before trying again; raises the typed error when the failure is final."""

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# "item 3: " / "instance 3: ": the server names the item by its place in one request, not among all inputs.
+_REQUEST_POSITION = re.compile(r"^(item|instance) \d+: ")
 
 
 class _Result(BaseModel):
@@ -48,6 +53,8 @@ class Forecast(_Result):
     model: str
     version: str
     values: list[float] = Field(alias="forecast")
+    history_used: int | None = None
+    """How many of the most recent history values the model read."""
 
 
 class ModelInfo(_Result):
@@ -74,3 +81,32 @@ class ModelInfo(_Result):
 
 class Health(_Result):
     status: str
+
+
+@dataclass(frozen=True)
+class ItemError:
+    """An input that got no result from `predict_many` / `forecast_many`; it stands in that input's place.
+
+    `error` is what went wrong: the server's `APIError` (e.g. 400 invalid_image), a `ServerError` for the request
+    that carried it, or the local `OSError` / `ValueError` / `TypeError` raised while reading it.
+    """
+
+    index: int
+    """Position among the inputs, from 0."""
+    source: str | None
+    """The file name when the input was a path, else None."""
+    error: Exception
+
+    @property
+    def code(self) -> str:
+        """The server's error code, or the local exception's class name."""
+        return str(getattr(self.error, "code", type(self.error).__name__))
+
+    @property
+    def message(self) -> str:
+        """The error's text, without the position inside its request that the server's message may start with."""
+        text = str(getattr(self.error, "message", self.error))
+        return _REQUEST_POSITION.sub("", text, count=1)
+
+    def __str__(self) -> str:
+        return f"{self.source or f'item {self.index}'}: {self.code}: {self.message}"
