@@ -241,8 +241,11 @@ class DataPlane:
 
     def known(self, name: str) -> str:
         if name not in self.apis:
-            raise ApiError(404, "not_found", f"no model {name!r}; serving: {', '.join(self.apis)}")
+            raise self.not_found(name)
         return name
+
+    def not_found(self, name: str) -> ApiError:
+        return ApiError(404, "not_found", f"no model {name!r}; serving: {', '.join(self.apis)}")
 
     def check_ready(self, name: str) -> None:
         """This process can run `name` now; else 503 at once (a held request would only time out).

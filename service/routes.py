@@ -87,3 +87,12 @@ def register_predict(app: FastAPI, plane: DataPlane, api: ModelAPI) -> None:
         responses=schemas.ERRORS,
         openapi_extra=schemas.CLASSIFY_BODY if classify else schemas.FORECAST_BODY,
     )
+
+
+def register_unknown_model(app: FastAPI, plane: DataPlane) -> None:
+    """404 naming the served models for a predict route of any other name. Starlette matches routes in order,
+    so this must be added after every model's own route."""
+
+    @app.post("/v1/{name}/predict", include_in_schema=False)
+    async def unknown_model(name: str) -> None:
+        raise plane.not_found(name)

@@ -48,6 +48,7 @@ class NNServer(AdaptedServer):
             timeout=settings.request_timeout,
             disable_openapi_url=False,
         )
+        routes.register_unknown_model(self.app, self.plane)
         install_handlers(self.app)
         self.app.title = "nnserve"
 

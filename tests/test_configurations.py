@@ -123,4 +123,3 @@ def test_a_failing_item_does_not_fail_its_batch_and_gets_a_500() -> None:
     error = ApiError(*answers[3])  # what the predict route raises for it
     response = error.response()
     assert response.status_code == 500 and json.loads(response.body)["error"]["code"] == "internal"
-
