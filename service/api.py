@@ -141,9 +141,12 @@ class ModelAPI(ls.LitAPI):
     def predict_batch(self, requests: list[dict[str, Any]]) -> list[Any]:
         raise NotImplementedError
 
-    def encode_response(self, output: Any) -> bytes | tuple[int, str, str]:
+    def encode_response(self, output: Any) -> bytes | np.ndarray | tuple[int, str, str]:
+        """v1 answers leave as finished JSON bytes; v2 answers as the output tensor, which the v2 layer encodes."""
         if isinstance(output, Exception):
             return 500, "internal", f"the model failed on this request ({type(output).__name__})"
+        if isinstance(output, np.ndarray):
+            return output
         body = {"model": self.name, "version": self.manifest.version, "predictions": output}
         return json.dumps(body, separators=(",", ":")).encode()
 
@@ -184,16 +187,21 @@ class ClassifierAPI(ModelAPI):
         assert spec is not None
         return np.zeros((n, self.decoder.channels, spec.height, spec.width), dtype=np.float32)
 
+    def model_input(self, x: np.ndarray) -> np.ndarray:
+        """uint8 pixels are preprocessed here; float32 tensors arrive preprocessed (the v2 protocol's form)."""
+        return x if x.dtype == np.float32 else x.astype(np.float32) * self.scale + self.shift
+
     def predict_batch(self, requests: list[dict[str, Any]]) -> list[Any]:
-        pixels = np.concatenate([r["x"] for r in requests]) if len(requests) > 1 else requests[0]["x"]
-        logits = self.run(pixels.astype(np.float32) * self.scale + self.shift)
-        logits = logits - logits.max(axis=1, keepdims=True)
-        probs = np.exp(logits)
+        inputs = [self.model_input(r["x"]) for r in requests]
+        logits = self.run(np.concatenate(inputs) if len(inputs) > 1 else inputs[0])
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        probs = np.exp(shifted)
         probs /= probs.sum(axis=1, keepdims=True)
         out, start = [], 0
         for r in requests:
             n = len(r["x"])
-            out.append(self._top_k(probs[start : start + n], r["top_k"]))
+            rows = slice(start, start + n)
+            out.append(logits[rows] if r.get("protocol") == "v2" else self._top_k(probs[rows], r["top_k"]))
             start += n
         return out
 
@@ -233,13 +241,17 @@ class ForecastAPI(ModelAPI):
                 forecasts[i] = y
         out, start = [], 0
         for r in requests:
-            out.append(
-                [
-                    {"forecast": [round(float(v), 4) for v in forecasts[start + j][:h]]}  # type: ignore[index]
-                    for j, h in enumerate(r["horizon"])
-                ]
-            )
+            mine = forecasts[start : start + len(r["x"])]
             start += len(r["x"])
+            if r.get("protocol") == "v2":
+                out.append(np.stack(mine)[:, : max(r["horizon"])])  # type: ignore[arg-type]
+            else:
+                out.append(
+                    [
+                        {"forecast": [round(float(v), 4) for v in y[:h]], "history_used": len(x)}  # type: ignore[index]
+                        for y, h, x in zip(mine, r["horizon"], r["x"], strict=True)
+                    ]
+                )
         return out
 
 

@@ -40,6 +40,7 @@ class ForecastRequest(BaseModel):
 
 class Forecast(BaseModel):
     forecast: list[float]
+    history_used: int = Field(description="How many of the most recent history values the model read.")
 
 
 class ForecastResponse(BaseModel):
