@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import time
 from typing import Any
 
@@ -17,7 +18,7 @@ import numpy as np
 from starlette.requests import Request
 
 from models import ModelVersion
-from service import logs, metrics
+from service import logs, metrics, process
 from service.config import Settings
 from service.dataplane import ModelState
 from service.errors import ApiError
@@ -93,7 +94,8 @@ class ModelAPI(ls.LitAPI):
 
     def worker_started(self, worker_id: int) -> None:
         """An inference worker finished `setup`: count it as ready (worker mode)."""
-        logs.name_process(f"worker-{self.name}-{worker_id}")
+        process.name_process(f"worker-{self.name}-{worker_id}")
+        process.end_with_parent(signal.SIGKILL)  # nothing of a worker's is worth finishing without the server
         self.state.ready[worker_id] = 1
 
     def check_input(self, shape: list[int | str | None] | None) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import logging
 from contextvars import ContextVar
 
@@ -26,12 +25,3 @@ def configure(level: str) -> None:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s nnserve [%(request_id)s] %(message)s"))
     logger.addHandler(handler)
     logger.propagate = False
-
-
-def name_process(name: str) -> None:
-    """Name this process as `ps`, `top` and /proc/PID/comm show it (Linux keeps the first 15 bytes)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(15, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)  # 15 = PR_SET_NAME
-    except (OSError, AttributeError):
-        pass  # not Linux: names are a convenience only

@@ -28,7 +28,7 @@ from typing import Any
 
 import uvicorn
 
-from service import logs
+from service import process
 from service.server import NNServer
 
 logger = logging.getLogger("nnserve")
@@ -46,7 +46,8 @@ def _serve_http(server: NNServer, config: uvicorn.Config, sock: socket.socket, s
     # uvicorn handles SIGTERM/SIGINT itself while serving, then re-raises them with the handlers it found: these.
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     signal.signal(signal.SIGINT, lambda *_: os._exit(0))
-    logs.name_process(f"nnserve-http-{server_id}")
+    process.name_process(f"nnserve-http-{server_id}")
+    process.end_with_parent()
     server.set_api_server_id(server.app, server_id)
     uvicorn.Server(config).run(sockets=[sock])
 
@@ -74,13 +75,13 @@ class Supervisor:
         )
 
     def _fork_http(self, server_id: int) -> None:
-        process = mp.get_context("fork").Process(
+        child = mp.get_context("fork").Process(
             target=_serve_http,
             args=(self.server, self._config(), self.sock, server_id),
             name=f"nnserve-http-{server_id}",
         )
-        process.start()
-        self.http[server_id] = process
+        child.start()
+        self.http[server_id] = child
 
     def _ready_everywhere(self) -> bool:
         return all(state.is_ready() for state in self.server.state.models.values())

@@ -226,6 +226,21 @@ def test_sigterm_finishes_in_flight_work_refuses_new_and_exits_zero() -> None:
         assert descendants(srv.process.pid) == []
 
 
+def test_killed_supervisor_takes_every_process_with_it() -> None:
+    with running_server(NNSERVE_EXECUTION="worker", NNSERVE_MODELS="digits") as srv:
+        tree = descendants(srv.process.pid)
+        assert len(_named(srv, "nnserve-http-")) == 2 and len(_named(srv, "worker-digits")) == 1
+        os.kill(srv.process.pid, signal.SIGKILL)
+        srv.process.wait(timeout=5)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in tree):
+            time.sleep(0.1)
+        left = [pid for pid in tree if Path(f"/proc/{pid}").exists() and process_name(pid) != ""]
+        assert left == [], f"left running: {[(pid, process_name(pid)) for pid in left]}"
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"{srv.url}/health", timeout=2)
+
+
 # --- probes ------------------------------------------------------------------------------------------------
 def test_probes_need_no_key_and_answer_head() -> None:
     with running_server(NNSERVE_API_KEY="k") as srv:
