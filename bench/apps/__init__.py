@@ -2,7 +2,11 @@
 
 import argparse
 
+import numpy as np
+
 from bench.loadgen import HOST
+
+TOP_K = 3
 
 # What the floors answer: shaped like one nnserve classification reply, so response bytes are comparable.
 CONSTANT_REPLY = {
@@ -12,6 +16,7 @@ CONSTANT_REPLY = {
         {
             "index": 7,
             "label": "7",
+            "probability": 0.998,
             "top_k": [
                 {"index": 7, "label": "7", "probability": 0.998},
                 {"index": 2, "label": "2", "probability": 0.001},
@@ -22,7 +27,7 @@ CONSTANT_REPLY = {
 }
 
 
-def arguments(description: str, models: bool = False) -> argparse.Namespace:
+def command_line(description: str, models: bool = False) -> argparse.ArgumentParser:
     """The command line every baseline shares: where to listen and, for model servers, what to load."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--port", type=int, required=True)
@@ -31,5 +36,16 @@ def arguments(description: str, models: bool = False) -> argparse.Namespace:
         parser.add_argument("--model", default="digits,cifar,sequence", help="comma-separated model names")
         parser.add_argument("--models-dir", default=None, help="model repository (default: the project's)")
         parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-        parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
-    return parser.parse_args()
+    return parser
+
+
+def top_k(probs: np.ndarray, labels: list[str]) -> list[dict[str, object]]:
+    """Rows of class probabilities as nnserve's /v1 predictions: the best class and the TOP_K best."""
+    predictions = []
+    for row in probs:
+        ranked = [
+            {"index": int(i), "label": labels[int(i)], "probability": round(float(row[i]), 6)}
+            for i in np.argsort(-row)[:TOP_K]
+        ]
+        predictions.append({**ranked[0], "top_k": ranked})
+    return predictions

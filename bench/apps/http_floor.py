@@ -1,7 +1,7 @@
 """HTTP floor: FastAPI + uvicorn reading the request body and answering a constant.
 
 No decode, no model: what the web stack alone costs per request, the ceiling any FastAPI-based server can reach.
-It runs as many uvicorn processes as nnserve runs API servers (`NNSERVE_API_SERVERS`).
+The benchmark runs it with as many uvicorn processes (`--workers`) as nnserve runs HTTP servers.
 """
 
 import json
@@ -9,7 +9,7 @@ import json
 import uvicorn
 from fastapi import FastAPI, Request, Response
 
-from bench.apps import CONSTANT_REPLY, arguments
+from bench.apps import CONSTANT_REPLY, command_line
 
 REPLY = json.dumps(CONSTANT_REPLY).encode()
 app = FastAPI()
@@ -27,14 +27,14 @@ async def ready() -> dict[str, str]:
 
 
 if __name__ == "__main__":
-    from service.config import Settings
-
-    args = arguments(__doc__.splitlines()[0])
+    parser = command_line(__doc__.splitlines()[0])
+    parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    args = parser.parse_args()
     uvicorn.run(
         "bench.apps.http_floor:app",
         host=args.host,
         port=args.port,
-        workers=Settings().api_servers,
+        workers=args.workers,
         log_level="warning",
         access_log=False,
     )
