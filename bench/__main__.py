@@ -86,7 +86,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, default=None, help="unmeasured seconds before each run (default 1)")
     p.add_argument("--requests", type=int, default=None, help="measure this many answers (at most --duration s)")
     p.add_argument(
-        "--repeats", type=int, default=None, help="runs of each headline point on nnserve and the peer (default 3)"
+        "--repeats",
+        type=int,
+        default=None,
+        help="runs of each headline point on nnserve and the peer (default 3); with --only, of every point (default 1)",
     )
     p.add_argument(
         "--compute-seconds", type=float, default=None, help="per compute-line measurement (default 1; 0: skip)"

@@ -352,7 +352,11 @@ def text(result: Result) -> str:
             f"samples; RSS compared over the first and last {soak['window_s']:.0f} s after {soak['warmup_s']:.0f} s",
         ]
     lines += ["", "targets" + ("" if meta["idle"] else " (machine not idle: figures not comparable)") + ":"]
-    lines += [f"  {t['status']:<4} {t['name']}: {t['detail']}" for t in result["targets"]]
+    lines += [f"  {t['status']:<4} {t['name']}: {t['detail']}" for t in result["targets"] if t["status"] != "SKIP"]
+    skipped = [t["name"] for t in result["targets"] if t["status"] == "SKIP"]
+    if skipped:
+        lines.append(f"  not measured by this run ({len(skipped)}):")
+        lines += [f"  SKIP {name}" for name in skipped]
     return "\n".join(lines)
 
 
