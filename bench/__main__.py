@@ -128,6 +128,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     if unknown:
         p.error(f"unknown system, model or shape: {', '.join(unknown)}")
+    if args.only and args.shapes[0] not in systems[args.systems[0]].shapes:
+        p.error(f"{args.systems[0]} is sent only {', '.join(systems[args.systems[0]].shapes)}")
     if args.max_batch_size is None and args.device == "cuda":
         args.max_batch_size = CUDA_MAX_BATCH_SIZE
     args.duration = args.duration or (SOAK["duration_s"] if args.soak else QUICK["duration"] if short else 10.0)

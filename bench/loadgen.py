@@ -174,11 +174,6 @@ class LoadStats:
     server_cpu_s: float = 0.0
     completed_total: int = 0  # every answered request, warm-up included: a live progress counter
 
-    @property
-    def ok(self) -> int:
-        """Successful (2xx) answers in the measuring window."""
-        return sum(len(v) for status, v in self.latencies_s.items() if 200 <= status < 300)
-
 
 class _Run:
     def __init__(

@@ -7,6 +7,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.loadgen import HOST
 from bench.payloads import SHAPES
 
 EVERY_SHAPE = tuple(SHAPES)
@@ -17,19 +18,26 @@ SINGLE_AND_SERIES = ("x1", "series")
 class System:
     name: str
     title: str
-    module: str  # run as `python -m module`
+    module: str  # run as `python -m module`, or with `workers` as `python -m uvicorn module:create_app --factory`
     ready_path: str = "/ready"
     shapes: tuple[str, ...] = EVERY_SHAPE  # the request shapes a full run sends it
     extra_env: tuple[tuple[str, str], ...] = ()
     nnserve: bool = False  # configured only through NNSERVE_*, like nnserve itself
     routes_models: bool = False  # takes --model: it serves one route per model
     loads_artifacts: bool = False  # takes --models-dir and --device: it runs the real model
-    workers: int = 0  # takes --workers: this many uvicorn processes
+    workers: int = 0  # a uvicorn app run by uvicorn's command line with this many worker processes
     torch_threads: bool = False  # takes --threads: torch's intra-op threads
     json_only: bool = False  # images must come as JSON with base64, whatever the shape's envelope
     answers_constant: bool = False  # a floor: its answers do not depend on the request
 
     def command(self, port: int, models: list[str], models_dir: Path, device: str, threads: int = 0) -> list[str]:
+        """How to start it; the uvicorn apps take what to load from the NNSERVE_* environment instead."""
+        if self.workers:
+            return [
+                *(sys.executable, "-m", "uvicorn", f"{self.module}:create_app", "--factory"),
+                *("--host", HOST, "--port", str(port), "--workers", str(self.workers)),
+                *("--log-level", "warning", "--no-access-log"),
+            ]
         argv = [sys.executable, "-m", self.module]
         if self.nnserve:
             return argv
@@ -38,8 +46,6 @@ class System:
             argv += ["--model", ",".join(models)]
         if self.loads_artifacts:
             argv += ["--models-dir", str(models_dir), "--device", device]
-        if self.workers:
-            argv += ["--workers", str(self.workers)]
         if self.torch_threads:
             argv += ["--threads", str(threads)]
         return argv
@@ -75,8 +81,6 @@ def catalog(api_servers: int) -> dict[str, System]:
             peer_name(n),
             f"FastAPI + ONNX Runtime, 1 thread, {n} uvicorn process{'es' if n > 1 else ''}",
             "bench.apps.peer_ort",
-            routes_models=True,
-            loads_artifacts=True,
             workers=n,
         )
         for n in dict.fromkeys((api_servers, 1))

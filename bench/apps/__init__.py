@@ -1,4 +1,6 @@
-"""Baseline servers the benchmark compares nnserve with; each runs as `python -m bench.apps.<name> --port P`."""
+"""Baseline servers the benchmark compares nnserve with: `tutorial` and `litserve_floor` run as
+`python -m bench.apps.<name> --port P`, the uvicorn apps (`peer_ort`, `http_floor`) under uvicorn's own command
+line with `--workers N`, as their users would deploy them."""
 
 import argparse
 
@@ -27,15 +29,14 @@ CONSTANT_REPLY = {
 }
 
 
-def command_line(description: str, models: bool = False) -> argparse.ArgumentParser:
-    """The command line every baseline shares: where to listen and, for model servers, what to load."""
+def command_line(description: str) -> argparse.ArgumentParser:
+    """The command line of the baselines started as `python -m bench.apps.<name>`: where to listen, what to load."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--host", default=HOST, choices=[HOST])
-    if models:
-        parser.add_argument("--model", default="digits,cifar,sequence", help="comma-separated model names")
-        parser.add_argument("--models-dir", default=None, help="model repository (default: the project's)")
-        parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--model", default="digits,cifar,sequence", help="comma-separated model names")
+    parser.add_argument("--models-dir", default=None, help="model repository (default: the project's)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     return parser
 
 

@@ -25,7 +25,7 @@ class ConstantAPI(ls.LitAPI):
 if __name__ == "__main__":
     from service.config import Settings
 
-    args = command_line(__doc__.splitlines()[0], models=True).parse_args()
+    args = command_line(__doc__.splitlines()[0]).parse_args()
     settings = Settings()
     apis = [
         ConstantAPI(

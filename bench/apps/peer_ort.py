@@ -5,6 +5,10 @@ thread, so `--workers N` uvicorn processes use N cores without oversubscribing t
 with the manifest's preprocessing and run right in the async handler: no batching across requests, while the
 images of one request go through the model as one batch. Routes, bodies (raw image, multipart form, JSON
 `{"instances": [{"b64": ...}]}`, series JSON) and answers are nnserve's /v1 ones.
+
+Run it as its user would deploy it, with uvicorn's command line; it serves the models nnserve would be given:
+
+    NNSERVE_MODELS=digits,cifar python -m uvicorn bench.apps.peer_ort:create_app --factory --workers 2
 """
 
 import base64
@@ -15,16 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-import uvicorn
 from fastapi import FastAPI, Request, Response
 from starlette.datastructures import UploadFile  # what form parts are; fastapi's UploadFile subclasses it
 
 import models
-from bench.apps import command_line, top_k
+from bench.apps import top_k
 from bench.payloads import image_tensor, series_tensor
-
-# uvicorn starts its worker processes from an import string, so they learn what to load from the environment.
-ENV_MODELS, ENV_MODELS_DIR, ENV_DEVICE = "PEER_ORT_MODELS", "PEER_ORT_MODELS_DIR", "PEER_ORT_DEVICE"
 
 
 @dataclass
@@ -60,11 +60,14 @@ async def _images(request: Request, body: bytes) -> list[bytes]:
 
 
 def create_app() -> FastAPI:
-    """The app of one worker process: every model named in the environment loaded, its routes ready."""
-    root = Path(os.environ.get(ENV_MODELS_DIR) or models.DEFAULT_ROOT)
-    device = os.environ.get(ENV_DEVICE, "cpu")
+    """The app of one worker process, built from nnserve's settings in the environment (uvicorn starts each
+    worker from an import string, so that is where it learns what to load): NNSERVE_MODELS (default: every
+    model in the repository), NNSERVE_MODELS_DIR and NNSERVE_DEVICE (cpu or cuda)."""
+    root = Path(os.environ.get("NNSERVE_MODELS_DIR") or models.DEFAULT_ROOT)
+    device = "cuda" if os.environ.get("NNSERVE_DEVICE") == "cuda" else "cpu"
+    names = [n for n in os.environ.get("NNSERVE_MODELS", "").split(",") if n] or models.model_names(root)
     loaded = {}
-    for name in os.environ[ENV_MODELS].split(","):
+    for name in names:
         version = models.load(root, name)
         loaded[name] = Loaded(version.manifest, _session(version.artifact_path("onnx"), device))
     app = FastAPI()
@@ -98,21 +101,3 @@ def create_app() -> FastAPI:
         return {"status": "ready"}
 
     return app
-
-
-if __name__ == "__main__":
-    parser = command_line(__doc__.splitlines()[0], models=True)
-    parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
-    args = parser.parse_args()
-    os.environ[ENV_MODELS] = args.model
-    os.environ[ENV_MODELS_DIR] = args.models_dir or ""
-    os.environ[ENV_DEVICE] = args.device
-    uvicorn.run(
-        "bench.apps.peer_ort:create_app",
-        factory=True,
-        host=args.host,
-        port=args.port,
-        workers=args.workers,
-        log_level="warning",
-        access_log=False,
-    )

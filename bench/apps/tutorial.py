@@ -64,7 +64,7 @@ def build(names: list[str], root: Path, device: torch.device) -> FastAPI:
 
 
 if __name__ == "__main__":
-    parser = command_line(__doc__.splitlines()[0], models=True)
+    parser = command_line(__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     args = parser.parse_args()
     if args.threads:
