@@ -266,8 +266,11 @@ def bench_system(args: argparse.Namespace, system: System, payloads: Payloads, r
         _log(f"{system.name} did not start: {e}")
         result["servers"][system.name] = {"error": str(e)}
         return
+    points = plan(args, system, payloads)
+    if not points:
+        _log(f"  {system.name}: no model here takes the shapes {', '.join(args.shapes)}")
     try:
-        for model, shape, concurrency, repeats in plan(args, system, payloads):
+        for model, shape, concurrency, repeats in points:
             requests = payloads.requests(system, model, shape, port)
             problem = _probe(port, requests[0], shape.items, args.timeout, system.answers_constant)
             if problem:

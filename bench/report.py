@@ -183,7 +183,8 @@ def _multi_item(result: Result) -> Iterator[dict[str, Any]]:
         detail = f"{refused} refused; items/s " + ", ".join(figures)
         detail += f" vs {line['items_per_s']:.0f}" if with_compute and line else ""
         detail += f"; not measured at c={','.join(map(str, missing))}" if missing else ""
-        yield _check(name, ok and not missing, detail)
+        # a failure at any measured point fails the line; all passing but some unmeasured is not a pass yet
+        yield _check(name, None if ok and missing else ok, detail)
 
 
 def _overload(result: Result) -> Iterator[dict[str, Any]]:
