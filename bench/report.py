@@ -26,6 +26,7 @@ ALL_MODELS = {"digits", "cifar", "sequence"}
 DIGITS_P99_MS = 50.0
 SPREAD_LIMIT_PCT = 10.0
 SOAK_GROWTH_LIMIT_PCT = 5.0
+NOT_MEASURED = "not measured"
 
 
 def _percentiles(latencies_s: list[float]) -> dict[str, float | None]:
@@ -136,7 +137,7 @@ def _against_peer(result: Result) -> Iterator[dict[str, Any]]:
         name = f"{model} x1 c={c}: nnserve req/s >= {peer} and p99 <= its p99"
         nn, ref = _one(result, "nnserve", model, "x1", c), _one(result, peer, model, "x1", c)
         if not (nn and ref):
-            yield _check(name, None, "not measured")
+            yield _check(name, None, NOT_MEASURED)
             continue
         p99, ref_p99 = nn["latency_ms"]["p99"], ref["latency_ms"]["p99"]
         share = nn["req_per_s"] / ref["req_per_s"] if ref["req_per_s"] else float("inf")
@@ -151,7 +152,7 @@ def _against_compute(result: Result) -> Iterator[dict[str, Any]]:
     name = f"cifar x1 c=64: nnserve items/s >= {COMPUTE_SHARE:.0%} of the compute line"
     nn, line = _one(result, "nnserve", "cifar", "x1", 64), _compute(result, "cifar")
     if not (nn and line):
-        yield _check(name, None, "not measured")
+        yield _check(name, None, NOT_MEASURED)
         return
     share = nn["items_per_s"] / line["items_per_s"]
     detail = f"{nn['items_per_s']:.0f} vs {line['items_per_s']:.0f} items/s ({share:.0%})"
@@ -167,7 +168,7 @@ def _multi_item(result: Result) -> Iterator[dict[str, Any]]:
         runs = [r for c in shape.concurrency for r in find(result, "nnserve", model, shape.name, c)]
         line = _compute(result, model)
         if not runs or (with_compute and not line):
-            yield _check(name, None, "not measured")
+            yield _check(name, None, NOT_MEASURED)
             continue
         refused = sum(r["refused"] for r in runs)
         ok, figures = refused == 0, []
@@ -193,7 +194,7 @@ def _overload(result: Result) -> Iterator[dict[str, Any]]:
         name = f"{model} x1 c={c}: every request answered 200 or refused 503 within {REFUSE_WITHIN_MS:.0f} ms"
         nn = _one(result, "nnserve", model, "x1", c)
         if not nn:
-            yield _check(name, None, "not measured")
+            yield _check(name, None, NOT_MEASURED)
             continue
         slowest_refusal = nn["slowest_ms"].get(str(REFUSED))
         others = {s: n for s, n in nn["statuses"].items() if s not in ("200", str(REFUSED))}
@@ -218,7 +219,7 @@ def _memory(result: Result) -> Iterator[dict[str, Any]]:
     measured = {
         s: result["servers"][s]["torch_loaded"] for s in NNSERVE if "torch_loaded" in result["servers"].get(s, {})
     }
-    detail = ", ".join(f"{s}: {'mapped' if t else 'not mapped'}" for s, t in measured.items()) or "not measured"
+    detail = ", ".join(f"{s}: {'mapped' if t else 'not mapped'}" for s, t in measured.items()) or NOT_MEASURED
     yield _check(
         "libtorch mapped by no process of nnserve's tree", not any(measured.values()) if measured else None, detail
     )
@@ -228,7 +229,7 @@ def _digits_latency(result: Result) -> Iterator[dict[str, Any]]:
     name = f"digits x1 c=32: nnserve p99 <= {DIGITS_P99_MS:.0f} ms"
     nn = _one(result, "nnserve", "digits", "x1", 32)
     p99 = nn["latency_ms"]["p99"] if nn else None
-    yield _check(name, None if p99 is None else p99 <= DIGITS_P99_MS, _ms(p99) if nn else "not measured")
+    yield _check(name, None if p99 is None else p99 <= DIGITS_P99_MS, _ms(p99) if nn else NOT_MEASURED)
 
 
 def _stability(result: Result) -> Iterator[dict[str, Any]]:
@@ -250,7 +251,7 @@ def _errors(result: Result) -> Iterator[dict[str, Any]]:
     yield _check(
         "nnserve: no errors (refusals apart) and no wrong answers",
         errors == 0 if nn_runs else None,
-        detail if nn_runs else "not measured",
+        detail if nn_runs else NOT_MEASURED,
     )
 
 
@@ -354,10 +355,10 @@ def text(result: Result) -> str:
         ]
     lines += ["", "targets" + ("" if meta["idle"] else " (machine not idle: figures not comparable)") + ":"]
     lines += [f"  {t['status']:<4} {t['name']}: {t['detail']}" for t in result["targets"] if t["status"] != "SKIP"]
-    skipped = [t["name"] for t in result["targets"] if t["status"] == "SKIP"]
+    skipped = [t for t in result["targets"] if t["status"] == "SKIP"]
     if skipped:
-        lines.append(f"  not measured by this run ({len(skipped)}):")
-        lines += [f"  SKIP {name}" for name in skipped]
+        lines.append(f"  not (fully) measured by this run ({len(skipped)}):")
+        lines += [f"  SKIP {t['name']}" + ("" if t["detail"] == NOT_MEASURED else f": {t['detail']}") for t in skipped]
     return "\n".join(lines)
 
 
