@@ -200,7 +200,8 @@ def _overload(result: Result) -> Iterator[dict[str, Any]]:
         others = {s: n for s, n in nn["statuses"].items() if s not in ("200", str(REFUSED))}
         ok = nn["failures"] == 0 and not others and (slowest_refusal or 0.0) <= REFUSE_WITHIN_MS
         detail = (
-            f"{nn['statuses'].get('200', 0)} x 200, {nn['refused']} x 503 (slowest {_ms(slowest_refusal)}), "
+            f"{nn['statuses'].get('200', 0)} x 200 (p99 {_ms(nn['latency_ms']['p99'])}), "
+            f"{nn['refused']} x 503 (slowest {_ms(slowest_refusal)}), "
             f"other statuses {others or 'none'}, {nn['failures']} without an answer {nn['failure_kinds'] or ''}"
         )
         yield _check(name, ok, detail.rstrip())
