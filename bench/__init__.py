@@ -1,1 +1,2 @@
-"""Serving benchmark: nnserve against a naive server and the floors of its web stack, on real payloads."""
+"""Serving benchmark: nnserve against a FastAPI + ONNX Runtime peer, a tutorial app and the floors of its web
+stack, on real payloads."""

@@ -20,26 +20,31 @@ from typing import Any
 
 import models
 from bench import report
-from bench.compute import onnx_items_per_s
+from bench.compute import compute_line
 from bench.loadgen import HOST, LoadStats, run, run_load
 from bench.payloads import (
+    SHAPES,
+    Shape,
+    build_requests,
     cifar_pngs,
-    image_requests,
     mnist_pngs,
     model_inputs,
     series_length,
-    series_requests,
     weather_windows,
 )
 from bench.server import Server, free_port
-from bench.systems import SYSTEMS, System
+from bench.systems import System, catalog, peer_name
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ("digits", "cifar", "sequence")
 IMAGE_SOURCES = {"digits": mnist_pngs, "cifar": cifar_pngs}
 PAYLOADS_PER_MODEL = 512
-COMPUTE_BATCHES = (1, 64)
+# The points measured --repeats times on nnserve and the strong peer: the headline ones.
+STABLE_POINTS = {("digits", "x1", 32), ("cifar", "x1", 64)}
+# A 1-minute load average above this per core before the run means something else is using the machine.
+IDLE_LOAD_PER_CORE = 0.5
 SOAK = {"model": "digits", "concurrency": 32, "duration_s": 300.0, "warmup_s": 30.0, "sample_every_s": 5.0}
+QUICK = {"models": ["digits"], "shapes": ["x1", "x64-multipart"], "concurrency": [32], "duration": 2.0}
 CUDA_MAX_BATCH_SIZE = 128
 
 
@@ -47,45 +52,91 @@ def _csv(kind: type) -> Any:
     return lambda text: [kind(x) for x in text.split(",") if x.strip()]
 
 
+def _default_data_dir() -> Path:
+    return Path(os.environ.get("NNSERVE_DATA_DIR") or REPO.parent / "shared" / "data")
+
+
+def _nnserve_http_servers() -> int:
+    """How many HTTP server processes nnserve runs with the caller's NNSERVE_* settings."""
+    from service.config import Settings
+
+    return Settings().api_servers
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    http_servers = _nnserve_http_servers()
+    systems = catalog(http_servers)
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    p.add_argument("--quick", action="store_true", help="digits only, c=32, 3 s per run: under a minute")
-    p.add_argument("--soak", action="store_true", help="5 minutes of nnserve at c=32 on digits; reports RSS growth")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="digits, c=32, 2 s per run, four systems: under a minute")
+    mode.add_argument("--soak", action="store_true", help="5 minutes of nnserve at c=32 on digits; reports RSS growth")
+    mode.add_argument(
+        "--only", metavar="SYSTEM:MODEL:SHAPE", help="one system, model and shape (2 s per run unless --duration)"
+    )
+    p.add_argument("--systems", type=_csv(str), default=list(systems), help=f"comma-separated of: {', '.join(systems)}")
     p.add_argument("--models", type=_csv(str), default=list(MODELS), help="comma-separated (default: all three)")
-    p.add_argument("--systems", type=_csv(str), default=list(SYSTEMS), help=f"comma-separated of: {', '.join(SYSTEMS)}")
-    p.add_argument("--concurrency", type=_csv(int), default=[1, 8, 32, 64], help="closed-loop concurrencies")
+    p.add_argument("--shapes", type=_csv(str), default=list(SHAPES), help=f"comma-separated of: {', '.join(SHAPES)}")
+    p.add_argument(
+        "--concurrency",
+        type=_csv(int),
+        default=None,
+        help="closed-loop concurrencies for every shape (default: 1,8,32,64,256 single items, 8,32,64 multi-item)",
+    )
     p.add_argument("--duration", type=float, default=None, help="measured seconds per run (default 10; soak 300)")
     p.add_argument("--warmup", type=float, default=None, help="unmeasured seconds before each run (default 1)")
     p.add_argument("--requests", type=int, default=None, help="measure this many answers (at most --duration s)")
-    p.add_argument("--multi-items", type=int, default=64, help="images per multi-item digits request (0: none)")
-    p.add_argument("--multi-concurrency", type=_csv(int), default=[1, 8], help="concurrencies of multi-item runs")
-    p.add_argument("--compute-seconds", type=float, default=2.0, help="per raw-model measurement (0: skip)")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds before a request counts as failed")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="runs of each headline point on nnserve and the peer (default 3); with --only, of every point (default 1)",
+    )
+    p.add_argument(
+        "--compute-seconds", type=float, default=None, help="per compute-line measurement (default 1; 0: skip)"
+    )
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds before a request counts as unanswered")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="NNSERVE_DEVICE of the servers")
     p.add_argument("--gpu", dest="device", action="store_const", const="cuda", help="same as --device cuda")
     p.add_argument(
         "--max-batch-size", type=int, default=None, help=f"nnserve's (default: its own; {CUDA_MAX_BATCH_SIZE} on cuda)"
     )
-    p.add_argument("--naive-threads", type=int, default=0, help="torch threads of the naive server (0: torch's)")
-    p.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data")
+    p.add_argument("--tutorial-threads", type=int, default=0, help="torch threads of the tutorial app (0: torch's)")
+    p.add_argument(
+        "--data-dir", type=Path, default=_default_data_dir(), help="default: $NNSERVE_DATA_DIR or ../shared/data"
+    )
     p.add_argument("--models-dir", type=Path, default=models.DEFAULT_ROOT)
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = p.parse_args(argv)
-    unknown = [s for s in args.systems if s not in SYSTEMS] + [m for m in args.models if m not in MODELS]
+    args.catalog = systems
+    args.peer = peer_name(http_servers)
+    short = args.quick or args.only
+    if args.quick:
+        args.models, args.shapes = QUICK["models"], QUICK["shapes"]
+        args.concurrency = args.concurrency or QUICK["concurrency"]
+        args.systems = ["nnserve", *dict.fromkeys((args.peer, "peer-ort-1")), "tutorial"]
+    if args.only:
+        parts = args.only.split(":")
+        if len(parts) != 3:
+            p.error("--only takes SYSTEM:MODEL:SHAPE, e.g. nnserve:cifar:x8-json")
+        args.systems, args.models, args.shapes = [parts[0]], [parts[1]], [parts[2]]
+    if args.soak:
+        args.models, args.systems, args.shapes = [SOAK["model"]], ["nnserve"], ["x1"]
+    unknown = (
+        [s for s in args.systems if s not in systems]
+        + [m for m in args.models if m not in MODELS]
+        + [s for s in args.shapes if s not in SHAPES]
+    )
     if unknown:
-        p.error(f"unknown system or model: {', '.join(unknown)}")
+        p.error(f"unknown system, model or shape: {', '.join(unknown)}")
+    if args.only and args.shapes[0] not in systems[args.systems[0]].shapes:
+        p.error(f"{args.systems[0]} is sent only {', '.join(systems[args.systems[0]].shapes)}")
     if args.max_batch_size is None and args.device == "cuda":
         args.max_batch_size = CUDA_MAX_BATCH_SIZE
-    args.multi_systems = args.systems
-    if args.quick:
-        args.models, args.concurrency, args.multi_concurrency = ["digits"], [32], [8]
-        args.multi_systems = ["nnserve"]
-        args.duration, args.warmup = args.duration or 3.0, args.warmup if args.warmup is not None else 0.5
-        args.compute_seconds = min(args.compute_seconds, 1.0)
-    if args.soak:
-        args.models, args.systems = [SOAK["model"]], ["nnserve"]
-    args.duration = args.duration or (SOAK["duration_s"] if args.soak else 10.0)
-    args.warmup = args.warmup if args.warmup is not None else (SOAK["warmup_s"] if args.soak else 1.0)
+    args.duration = args.duration or (SOAK["duration_s"] if args.soak else QUICK["duration"] if short else 10.0)
+    args.warmup = args.warmup if args.warmup is not None else (SOAK["warmup_s"] if args.soak else 0.5 if short else 1.0)
+    args.repeats = args.repeats or (1 if short else 3)
+    if args.compute_seconds is None:
+        args.compute_seconds = 0.3 if short else 1.0
     return args
 
 
@@ -108,15 +159,19 @@ class Payloads:
                 payloads.series[name] = weather_windows(data_dir, length, PAYLOADS_PER_MODEL)
         return payloads
 
-    def requests(self, system: System, model: str, items: int, port: int) -> list[bytes]:
-        if model in self.images:
-            return image_requests(model, self.images[model], items, system.image_envelope, port)
-        return series_requests(model, self.series[model], port)
+    def takes(self, model: str, shape: Shape) -> bool:
+        """Whether `model` takes this shape's items: images for a classifier, series for the forecaster."""
+        return shape.images == (model in self.images)
+
+    def requests(self, system: System, model: str, shape: Shape, port: int) -> list[bytes]:
+        images, series = self.images.get(model, []), self.series.get(model, [])
+        return build_requests(model, shape, images, series, port, json_only=system.json_only)
 
 
-def _probe(system: System, model: str, port: int, request: bytes, items: int, timeout: float) -> str | None:
-    """One request sent apart from the load: does the answer hold one prediction per item sent? A fast wrong
-    answer would otherwise count as throughput. Returns what is wrong, or None."""
+def _probe(port: int, request: bytes, items: int, timeout: float, constant: bool) -> str | None:
+    """One request sent apart from the load: is it answered 2xx, and (unless the system answers a constant)
+    does the answer hold one prediction per item sent? A fast wrong answer would otherwise count as
+    throughput. Returns what is wrong, or None."""
     try:
         with socket.create_connection((HOST, port), timeout=timeout) as sock:
             sock.sendall(request)
@@ -127,7 +182,7 @@ def _probe(system: System, model: str, port: int, request: bytes, items: int, ti
         return f"no answer: {e!r}"
     if not 200 <= status < 300:
         return f"HTTP {status}: {body[:300].decode(errors='replace')}"
-    if system.answers_constant:
+    if constant:
         return None
     try:
         predictions = json.loads(body)["predictions"]
@@ -147,29 +202,60 @@ def _loadavg() -> list[float]:
 
 
 def measure_compute(args: argparse.Namespace, payloads: Payloads) -> list[dict[str, Any]]:
-    """Raw-model items/s, measured before any server starts so nothing else competes for the CPU."""
+    """The compute line per model, measured before any server starts so nothing else competes for the CPU."""
     out = []
     for name, version in payloads.versions.items():
         inputs = model_inputs(version.manifest, payloads.images.get(name, []), payloads.series.get(name, []))
-        for batch in COMPUTE_BATCHES:
-            ips, providers = onnx_items_per_s(
-                version.artifact_path("onnx"),
-                version.manifest.input.name,
-                inputs,
-                batch,
-                args.compute_seconds,
-                args.device,
-            )
-            out.append({"model": name, "batch": batch, "items_per_s": ips, "providers": providers, "threads": 1})
-            _log(f"raw model {name} batch {batch}: {ips:.0f} items/s ({providers[0]})")
+        path, input_name = version.artifact_path("onnx"), version.manifest.input.name
+        line = compute_line(name, path, input_name, inputs, args.compute_seconds, args.device)
+        out.append(line.record())
+        _log(f"compute line {name}: {line.items_per_s:.0f} items/s (batch {line.batch}, {line.how})")
     return out
 
 
+def plan(args: argparse.Namespace, system: System, payloads: Payloads) -> list[tuple[str, Shape, int, int]]:
+    """(model, shape, concurrency, repeats) of every run a system gets."""
+    points = []
+    for model in payloads.versions:
+        for shape in (SHAPES[name] for name in system.shapes if name in args.shapes):
+            if not payloads.takes(model, shape):
+                continue
+            for c in args.concurrency or shape.concurrency:
+                stable = system.name in ("nnserve", args.peer) and (model, shape.name, c) in STABLE_POINTS
+                points.append((model, shape, c, args.repeats if stable or args.only else 1))
+    return points
+
+
+def _measure(
+    args: argparse.Namespace, server: Server, requests: list[bytes], items: int, concurrency: int
+) -> dict[str, Any]:
+    """One closed-loop run against a started server: the summary, its peak RSS and the load average before."""
+    loadavg, peak = _loadavg(), [0.0]
+
+    def sample(_: LoadStats) -> None:
+        peak[0] = max(peak[0], server.sample().rss_mb)
+
+    stats = run(
+        run_load(
+            port=server.port,
+            requests=requests,
+            concurrency=concurrency,
+            duration_s=args.duration,
+            warmup_s=args.warmup,
+            max_requests=args.requests,
+            timeout_s=args.timeout,
+            server_cpu=server.cpu_seconds,
+            sample=sample,
+        )
+    )
+    return {**report.summarize(stats, items, os.cpu_count() or 1), "peak_rss_mb": peak[0], "loadavg_before": loadavg}
+
+
 def bench_system(args: argparse.Namespace, system: System, payloads: Payloads, result: report.Result) -> None:
-    """Start one system, run every (model, items, concurrency) of the plan against it, stop it."""
+    """Start one system, run every (model, shape, concurrency) of its plan against it, stop it."""
     port = free_port()
     names = list(payloads.versions)
-    cmd = system.command(port, names, args.models_dir, args.device, args.naive_threads)
+    cmd = system.command(port, names, args.models_dir, args.device, args.tutorial_threads)
     env = system.environment(port, names, args.models_dir, args.device, args.max_batch_size)
     log = args.out / "tmp" / f"{system.name}.log"
     server = Server(system.name, cmd, env, port, system.ready_path, log, REPO)
@@ -180,43 +266,26 @@ def bench_system(args: argparse.Namespace, system: System, payloads: Payloads, r
         _log(f"{system.name} did not start: {e}")
         result["servers"][system.name] = {"error": str(e)}
         return
-    ncpu = os.cpu_count() or 1
+    points = plan(args, system, payloads)
+    if not points:
+        _log(f"  {system.name}: no model here takes the shapes {', '.join(args.shapes)}")
     try:
-        plan = [(m, 1, c) for m in names for c in args.concurrency]
-        if "digits" in names and args.multi_items > 1 and system.name in args.multi_systems:
-            plan += [("digits", args.multi_items, c) for c in args.multi_concurrency]
-        for model, items, concurrency in plan:
-            requests = payloads.requests(system, model, items, port)
-            problem = _probe(system, model, port, requests[0], items, args.timeout)
+        for model, shape, concurrency, repeats in points:
+            requests = payloads.requests(system, model, shape, port)
+            problem = _probe(port, requests[0], shape.items, args.timeout, system.answers_constant)
             if problem:
-                _log(f"  {system.name} {model} x{items}: wrong answer to a single request: {problem}")
-            loadavg = _loadavg()
-            peak = [0.0]
-
-            def sample(_: LoadStats, peak: list[float] = peak) -> None:
-                peak[0] = max(peak[0], server.sample().rss_mb)
-
-            stats = run(
-                run_load(
-                    port=port,
-                    requests=requests,
-                    concurrency=concurrency,
-                    duration_s=args.duration,
-                    warmup_s=args.warmup,
-                    max_requests=args.requests,
-                    timeout_s=args.timeout,
-                    server_cpu=server.cpu_seconds,
-                    sample=sample,
-                )
-            )
-            row = {"system": system.name, "model": model, **report.summarize(stats, items, ncpu)}
-            row.update(peak_rss_mb=peak[0], loadavg_before=loadavg, answer_check=problem or "ok")
+                _log(f"  {system.name} {model} {shape.name}: wrong answer to a single request: {problem}")
+            summaries = [_measure(args, server, requests, shape.items, concurrency) for _ in range(repeats)]
+            row = {"system": system.name, "model": model, "shape": shape.name, **report.with_repeats(summaries)}
+            row["answer_check"] = problem or "ok"
             result["runs"].append(row)
+            p99 = row["latency_ms"]["p99"]
             _log(
-                f"  {system.name:<15} {model:<8} x{items:<3} c={concurrency:<3} {row['req_per_s']:8.0f} req/s "
-                f"{row['items_per_s']:8.0f} items/s p99 {row['latency_ms'].get('p99') or float('nan'):7.1f} ms "
-                f"errors {row['errors']}  client {row['client_cpu_cores']:.2f} cpu"
+                f"  {system.name:<15} {model:<8} {shape.name:<13} c={concurrency:<3} {row['req_per_s']:8.0f} req/s "
+                f"{row['items_per_s']:8.0f} items/s p99 {p99 if p99 is not None else float('nan'):7.1f} ms "
+                f"503s {row['refused']} errors {row['errors']}  client {row['client_cpu_cores']:.2f} cpu"
                 f"  server {row['server_cpu_cores']:.2f} cpu"
+                + (f"  spread {row['spread_pct']:.1f}%" if "spread_pct" in row else "")
             )
             server.check_torch()
     finally:
@@ -226,7 +295,7 @@ def bench_system(args: argparse.Namespace, system: System, payloads: Payloads, r
 
 def soak(args: argparse.Namespace, payloads: Payloads, result: report.Result) -> None:
     """Long steady load on nnserve; memory growth compares the last minute with the first after warm-up."""
-    system, model, concurrency = SYSTEMS["nnserve"], SOAK["model"], SOAK["concurrency"]
+    system, model, concurrency = args.catalog["nnserve"], SOAK["model"], SOAK["concurrency"]
     port = free_port()
     names = list(payloads.versions)
     env = system.environment(port, names, args.models_dir, args.device, args.max_batch_size)
@@ -243,7 +312,7 @@ def soak(args: argparse.Namespace, payloads: Payloads, result: report.Result) ->
                     "rss_mb": mem.rss_mb,
                     "pss_mb": mem.pss_mb,
                     "completed": stats.completed_total,
-                    "errors": sum(stats.errors.values()),
+                    "failures": sum(stats.failures.values()),
                 }
             )
             _log(f"  soak t={samples[-1]['t_s']:6.0f}s rss {mem.rss_mb:6.0f} MB  done {stats.completed_total}")
@@ -251,7 +320,7 @@ def soak(args: argparse.Namespace, payloads: Payloads, result: report.Result) ->
         stats = run(
             run_load(
                 port=port,
-                requests=payloads.requests(system, model, 1, port),
+                requests=payloads.requests(system, model, SHAPES["x1"], port),
                 concurrency=concurrency,
                 duration_s=args.duration - args.warmup,
                 warmup_s=args.warmup,
@@ -263,7 +332,7 @@ def soak(args: argparse.Namespace, payloads: Payloads, result: report.Result) ->
         )
         sample(stats)
         server.check_torch()
-    row = {"system": system.name, "model": model, **report.summarize(stats, 1, os.cpu_count() or 1)}
+    row = {"system": system.name, "model": model, "shape": "x1", **report.summarize(stats, 1, os.cpu_count() or 1)}
     result["runs"].append(row)
     measured = [s for s in samples if s["t_s"] >= args.warmup]
     span = min(60.0, (args.duration - args.warmup) / 3)
@@ -280,7 +349,7 @@ def soak(args: argparse.Namespace, payloads: Payloads, result: report.Result) ->
         "rss_first_mb": rss_first,
         "rss_last_mb": rss_last,
         "growth_pct": (rss_last - rss_first) / rss_first * 100,
-        "errors": row["errors"],
+        "errors": row["errors"] + row["refused"],
         "samples": samples,
     }
     result["servers"][system.name] = server.summary()
@@ -288,7 +357,20 @@ def soak(args: argparse.Namespace, payloads: Payloads, result: report.Result) ->
 
 def _versions() -> dict[str, str]:
     out = {}
-    for dist in ("litserve", "fastapi", "uvicorn", "uvloop", "onnxruntime", "onnxruntime-gpu", "torch", "numpy"):
+    for dist in (
+        "litserve",
+        "fastapi",
+        "starlette",
+        "uvicorn",
+        "uvloop",
+        "httptools",
+        "python-multipart",
+        "onnxruntime",
+        "onnxruntime-gpu",
+        "torch",
+        "numpy",
+        "pillow",
+    ):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -296,12 +378,41 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _commit() -> str | None:
+def _git(*argv: str) -> str | None:
     try:
-        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
+        done = subprocess.run(["git", *argv], cwd=REPO, capture_output=True, text=True, check=True)
     except (OSError, subprocess.CalledProcessError):
         return None
-    return done.stdout.strip()
+    return done.stdout
+
+
+def provenance() -> dict[str, Any]:
+    """What produced a result: the exact commit, whether the tree had changes (results files apart, since
+    every run rewrites them), the machine, and whether it was idle when the run began."""
+    commit = _git("rev-parse", "HEAD")
+    changes = _git("status", "--porcelain", "--", ".", ":(exclude)bench/results")
+    cores = os.cpu_count() or 1
+    loadavg = _loadavg()
+    idle = loadavg[0] <= IDLE_LOAD_PER_CORE * cores
+    return {
+        "host": socket.gethostname(),
+        "commit": commit.strip() if commit else None,
+        "tree_clean": changes == "",
+        "changed_files": changes.splitlines() if changes else [],
+        "cpu_count": cores,
+        "cpu_model": _cpu_model(),
+        "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "versions": _versions(),
+        "loadavg_before": loadavg,
+        "idle": idle,
+        "idle_note": (
+            f"1-minute load average {loadavg[0]} before the run "
+            f"{'<=' if idle else '>'} {IDLE_LOAD_PER_CORE} per core on {cores} cores"
+            + ("" if idle else ": the machine is busy, these figures are not comparable")
+        ),
+    }
 
 
 def _cpu_model() -> str:
@@ -311,26 +422,35 @@ def _cpu_model() -> str:
     return platform.processor()
 
 
+def _label(args: argparse.Namespace) -> str:
+    return args.device + ("-soak" if args.soak else "-quick" if args.quick else "-only" if args.only else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = datetime.now(UTC)
-    label = args.device + ("-soak" if args.soak else "-quick" if args.quick else "")
-    nnserve_env = SYSTEMS["nnserve"].environment(0, args.models, args.models_dir, args.device, args.max_batch_size)
+    label = _label(args)
+    nnserve = args.catalog["nnserve"]
+    nnserve_env = nnserve.environment(0, args.models, args.models_dir, args.device, args.max_batch_size)
+    meta = provenance()
+    if not meta["idle"]:
+        _log(f"WARNING: {meta['idle_note']}; the result is marked idle: false")
     result: report.Result = {
         "meta": {
-            "host": socket.gethostname(),
+            **meta,
             "timestamp": started.isoformat(timespec="seconds"),
             "label": label,
             "device": args.device,
-            "cpu_count": os.cpu_count(),
-            "cpu_model": _cpu_model(),
-            "python": platform.python_version(),
-            "versions": _versions(),
-            "commit": _commit(),
-            "loadavg_before": _loadavg(),
-            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "models": args.models,
+            "peer": args.peer,
+            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "catalog"},
             "nnserve_env": {k: v for k, v in nnserve_env.items() if k.startswith("NNSERVE_") and k != "NNSERVE_PORT"},
-            "systems": {s.name: {"what": s.title, "images_as": s.image_envelope} for s in SYSTEMS.values()},
+            "systems": {
+                s.name: {"what": s.title, "command": s.command(0, args.models, args.models_dir, args.device)[1:]}
+                for s in args.catalog.values()
+                if s.name in args.systems
+            },
+            "shapes": {name: vars(SHAPES[name]) for name in args.shapes},
         },
         "compute": [],
         "runs": [],
@@ -349,14 +469,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.compute_seconds > 0:
             result["compute"] = measure_compute(args, payloads)
         for name in args.systems:
-            bench_system(args, SYSTEMS[name], payloads, result)
+            bench_system(args, args.catalog[name], payloads, result)
     result["meta"]["loadavg_after"] = _loadavg()
     result["meta"]["wall_s"] = round((datetime.now(UTC) - started).total_seconds(), 1)
     result["ratios"] = report.ratios(result)
     result["targets"] = report.targets(result)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    stamped = args.out / f"{started.strftime('%Y%m%dT%H%M%SZ')}-{result['meta']['host']}-{label}.json"
+    stamped = args.out / f"{started.strftime('%Y%m%dT%H%M%SZ')}-{meta['host']}-{label}.json"
     for path in (stamped, args.out / f"latest-{label}.json"):
         path.write_text(json.dumps(result, indent=1, default=float) + "\n")
     written = [stamped, *report.charts(result, args.out, f"latest-{label}")]

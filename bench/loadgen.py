@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter
-from collections.abc import Callable, Coroutine, Sequence
+from collections import Counter, defaultdict
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 HOST = "127.0.0.1"
 RECONNECT_PAUSE_S = 0.05
+# After a 503 the connection waits this long before its next request, as a client that backs off would; far
+# shorter than nnserve's Retry-After (1 s), so the offered load stays above what the server refuses at.
+REFUSED_PAUSE_S = 0.1
+REFUSED = 503
 DRAIN_S = 5.0
 T = TypeVar("T")
 
@@ -25,8 +29,24 @@ class _Broken(Exception):
     """The connection closed, timed out or sent something that is not an HTTP/1.1 response."""
 
 
-class _Connection(asyncio.Protocol):
-    """One keep-alive connection with at most one request in flight."""
+class Connection(Protocol):
+    """What the load loop needs of a connection, whatever protocol it speaks."""
+
+    closed: bool
+    sent_at: float  # when the request in flight was sent; 0 when none is
+    timed_out: bool
+
+    def request(self, data: bytes) -> asyncio.Future[int]:
+        """Send one pre-built request; the future resolves to the answer's status, or fails with _Broken."""
+        ...
+
+    def fail(self, why: str) -> None:
+        """Fail the request in flight and drop the connection."""
+        ...
+
+
+class _Http1Connection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection with at most one request in flight."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -127,14 +147,28 @@ class _Connection(asyncio.Protocol):
             del buf[: eol + 2 + size + 2]
 
 
+async def _connect_http1(loop: asyncio.AbstractEventLoop, port: int) -> Connection:
+    _, conn = await loop.create_connection(lambda: _Http1Connection(loop), HOST, port)
+    return conn
+
+
+# How each client kind opens a connection. Requests are pre-built bytes for every kind (see payloads.py), so
+# another protocol is one more entry here, with its own Connection, and one more envelope there.
+CLIENT_KINDS: dict[str, Callable[[asyncio.AbstractEventLoop, int], Awaitable[Connection]]] = {
+    "http1": _connect_http1,
+}
+
+
 @dataclass
 class LoadStats:
-    """What one closed-loop run measured; counts and latencies cover the measuring window only."""
+    """What one closed-loop run measured. Latencies, per answer status, cover the measuring window; status
+    counts and failures (requests that got no HTTP answer: timeouts, broken connections) the whole run."""
 
     concurrency: int
-    ok: int = 0
-    latencies_s: list[float] = field(default_factory=list)
-    errors: Counter[str] = field(default_factory=Counter)  # whole run, warm-up included
+    latencies_s: defaultdict[int, list[float]] = field(default_factory=lambda: defaultdict(list))
+    statuses: Counter[int] = field(default_factory=Counter)
+    slowest_s: dict[int, float] = field(default_factory=dict)  # per status, whole run
+    failures: Counter[str] = field(default_factory=Counter)
     window_s: float = 0.0
     client_cpu_s: float = 0.0
     server_cpu_s: float = 0.0
@@ -149,14 +183,16 @@ class _Run:
         stats: LoadStats,
         timeout_s: float,
         server_cpu: Callable[[], float] | None,
+        client: str,
     ) -> None:
         self.port = port
+        self.connect = CLIENT_KINDS[client]
         self.requests = requests
         self.stats = stats
         self.timeout_s = timeout_s
         self.server_cpu = server_cpu
         self.loop = asyncio.get_running_loop()
-        self.conns: list[_Connection] = []
+        self.conns: list[Connection] = []
         self.measuring = False
         self.stopping = False
         self.answers_left: int | None = None  # with max_requests: answers, good or not, still to measure
@@ -179,21 +215,21 @@ class _Run:
         if not self.finished.done():
             self.finished.set_result(None)
 
-    async def _connect(self) -> _Connection:
-        _, conn = await self.loop.create_connection(lambda: _Connection(self.loop), HOST, self.port)
+    async def _connect(self) -> Connection:
+        conn = await self.connect(self.loop, self.port)
         self.conns.append(conn)
         return conn
 
     async def worker(self, index: int) -> None:
         stats, requests, n = self.stats, self.requests, len(self.requests)
-        conn: _Connection | None = None
+        conn: Connection | None = None
         i = index
         while not self.stopping:
             if conn is None or conn.closed:
                 try:
                     conn = await self._connect()
                 except OSError as e:
-                    stats.errors[f"connect: {e.strerror or e}"] += 1
+                    stats.failures[f"connect: {e.strerror or e}"] += 1
                     await asyncio.sleep(RECONNECT_PAUSE_S)
                     continue
             t0 = time.perf_counter()
@@ -201,20 +237,22 @@ class _Run:
                 status = await conn.request(requests[i % n])
             except _Broken as e:
                 if not self.stopping:
-                    stats.errors[str(e)] += 1
+                    stats.failures[str(e)] += 1
                 conn = None
                 continue
+            latency = time.perf_counter() - t0
             i += 1
             stats.completed_total += 1
-            if status >= 300:
-                stats.errors[f"HTTP {status}"] += 1
-            elif self.measuring:
-                stats.latencies_s.append(time.perf_counter() - t0)
-                stats.ok += 1
-            if self.measuring and self.answers_left is not None:
-                self.answers_left -= 1
-                if self.answers_left <= 0:
-                    self.end_window()
+            stats.statuses[status] += 1
+            stats.slowest_s[status] = max(stats.slowest_s.get(status, 0.0), latency)
+            if self.measuring:
+                stats.latencies_s[status].append(latency)
+                if self.answers_left is not None:
+                    self.answers_left -= 1
+                    if self.answers_left <= 0:
+                        self.end_window()
+            if status == REFUSED:
+                await asyncio.sleep(REFUSED_PAUSE_S)
 
     async def watchdog(self) -> None:
         """Abort connections whose request has waited past the timeout: one timer for all, not one per request."""
@@ -239,13 +277,14 @@ async def run_load(
     server_cpu: Callable[[], float] | None = None,
     sample: Callable[[LoadStats], None] | None = None,
     sample_every_s: float = 0.5,
+    client: str = "http1",
 ) -> LoadStats:
     """Keep `concurrency` requests in flight for `warmup_s`, then measure for `duration_s` or until
     `max_requests` are answered, whichever comes first, and stop. `sample` is called every `sample_every_s`."""
     if not requests:
         raise ValueError("no requests to send")
     stats = LoadStats(concurrency=concurrency)
-    run = _Run(port, requests, stats, timeout_s, server_cpu)
+    run = _Run(port, requests, stats, timeout_s, server_cpu, client)
     loop = run.loop
     loop.call_later(warmup_s, run.start_window)
     loop.call_later(warmup_s + duration_s, run.end_window)

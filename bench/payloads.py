@@ -1,7 +1,9 @@
 """Real client payloads and the request bytes built from them, once, before any load runs.
 
-Every system under test gets the same images and series; only the envelope differs where a system cannot
-take a raw image body (the LitServe floor: JSON with base64, see `bench/README.md`).
+Every system under test gets the same images and series. A request shape says how many items one request
+carries and in which envelope: a raw image body, a multipart form, JSON with base64 images, or series JSON.
+A system that cannot take an envelope (the LitServe floor parses every non-form body as JSON) gets the JSON
+form of the same images instead; `bench/README.md` says where that happens.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import base64
 import csv
 import io
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -18,9 +21,45 @@ from PIL import Image
 
 from models import ImagePreprocessing, Manifest
 
-ImageEnvelope = Literal["raw", "json-b64"]
+# How a request carries its items. Another protocol (say the Open Inference Protocol's JSON tensors) is one
+# more envelope here, built in `build_requests`, and, if it is not HTTP/1.1, one more client kind in loadgen.
+Envelope = Literal["raw", "multipart", "json-b64", "series"]
 BOUNDARY = "nnserve-bench-boundary"
 SERIES_YEAR = "2015"
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One kind of request: `items` images (or one series) per request in `envelope`."""
+
+    name: str
+    items: int
+    envelope: Envelope
+    concurrency: tuple[int, ...]  # the closed-loop concurrencies a full run measures it at
+
+    @property
+    def images(self) -> bool:
+        return self.envelope != "series"
+
+    @property
+    def multi(self) -> bool:
+        return self.items > 1
+
+
+SINGLE_CONCURRENCY = (1, 8, 32, 64, 256)
+# 64 images per request at c=256 is 16,384 images in flight: an overload test, not a shape a client sends.
+MULTI_CONCURRENCY = (8, 32, 64)
+SHAPES = {
+    s.name: s
+    for s in (
+        Shape("x1", 1, "raw", SINGLE_CONCURRENCY),
+        Shape("x8-multipart", 8, "multipart", MULTI_CONCURRENCY),
+        Shape("x8-json", 8, "json-b64", MULTI_CONCURRENCY),
+        Shape("x64-multipart", 64, "multipart", MULTI_CONCURRENCY),
+        Shape("x64-json", 64, "json-b64", MULTI_CONCURRENCY),
+        Shape("series", 1, "series", SINGLE_CONCURRENCY),
+    )
+}
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -124,20 +163,20 @@ def _multipart(images: list[bytes]) -> bytes:
     return b"".join(parts) + f"--{BOUNDARY}--\r\n".encode("ascii")
 
 
-def image_requests(
-    model: str, images: list[bytes], per_request: int, envelope: ImageEnvelope, port: int
+def build_requests(
+    model: str, shape: Shape, images: list[bytes], series: list[list[float]], port: int, json_only: bool = False
 ) -> list[bytes]:
-    """Complete HTTP/1.1 requests, each carrying `per_request` images, cycling through the payloads."""
+    """Complete HTTP/1.1 requests of one shape, cycling through the payloads; `json_only` sends images as JSON
+    with base64 whatever the shape's envelope."""
     path = f"/v1/{model}/predict"
-    groups = [[images[(i + j) % len(images)] for j in range(per_request)] for i in range(0, len(images), per_request)]
+    if shape.envelope == "series":
+        return [_http(path, port, "application/json", _json({"series": w})) for w in series]
+    n = shape.items
+    groups = [[images[(i + j) % len(images)] for j in range(n)] for i in range(0, len(images), n)]
+    envelope = "json-b64" if json_only else shape.envelope
     if envelope == "json-b64":
         return [_http(path, port, "application/json", _b64_instances(g)) for g in groups]
-    if per_request == 1:
+    if envelope == "raw":
         return [_http(path, port, "image/png", g[0]) for g in groups]
     content_type = f"multipart/form-data; boundary={BOUNDARY}"
     return [_http(path, port, content_type, _multipart(g)) for g in groups]
-
-
-def series_requests(model: str, windows: list[list[float]], port: int) -> list[bytes]:
-    """One forecast request per window, in the documented JSON form."""
-    return [_http(f"/v1/{model}/predict", port, "application/json", _json({"series": w})) for w in windows]

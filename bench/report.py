@@ -9,70 +9,115 @@ from typing import Any
 
 import numpy as np
 
-from bench.loadgen import LoadStats
+from bench.loadgen import REFUSED, LoadStats
+from bench.payloads import SHAPES
 
 Result = dict[str, Any]
 Run = dict[str, Any]
 
 NNSERVE = ("nnserve", "nnserve-nobatch")
+HEADLINE_MODELS = ("digits", "cifar")
+HEADLINE_CONCURRENCY = (32, 64)
+COMPUTE_SHARE = 0.85
+OVERLOAD_CONCURRENCY = 256
+REFUSE_WITHIN_MS = 50.0
+RSS_LIMIT_MB = 300.0
+ALL_MODELS = {"digits", "cifar", "sequence"}
+DIGITS_P99_MS = 50.0
+SPREAD_LIMIT_PCT = 10.0
 SOAK_GROWTH_LIMIT_PCT = 5.0
-RATIOS = (
-    ("nnserve/naive", "naive"),
-    ("nnserve/litserve-floor", "litserve-floor"),
-    ("batching on/off", "nnserve-nobatch"),
-)
+NOT_MEASURED = "not measured"
+
+
+def _percentiles(latencies_s: list[float]) -> dict[str, float | None]:
+    lat = np.asarray(latencies_s) * 1000
+    if not len(lat):
+        return {"p50": None, "p95": None, "p99": None, "mean": None, "max": None}
+    p50, p95, p99 = np.percentile(lat, [50, 95, 99]).tolist()
+    return {"p50": p50, "p95": p95, "p99": p99, "mean": float(lat.mean()), "max": float(lat.max())}
 
 
 def summarize(stats: LoadStats, items_per_request: int, ncpu: int) -> dict[str, Any]:
-    """One load run as plain numbers: throughput of successful requests, their latency, every error."""
+    """One load run as plain numbers: throughput and latency of successful requests, latency of refusals (503)
+    apart, and everything else that went wrong."""
     window = stats.window_s or float("nan")
-    lat = np.asarray(stats.latencies_s) * 1000
-    pct = dict(zip(("p50", "p95", "p99"), np.percentile(lat, [50, 95, 99]).tolist(), strict=True)) if len(lat) else {}
+    ok = [x for status, v in stats.latencies_s.items() if 200 <= status < 300 for x in v]
+    other = {s: n for s, n in stats.statuses.items() if not (200 <= s < 300 or s == REFUSED)}
     return {
         "concurrency": stats.concurrency,
         "items_per_request": items_per_request,
         "duration_s": round(stats.window_s, 3),
-        "requests_ok": stats.ok,
-        "req_per_s": stats.ok / window,
-        "items_per_s": stats.ok * items_per_request / window,
-        "latency_ms": {
-            **pct,
-            "mean": float(lat.mean()) if len(lat) else None,
-            "max": float(lat.max()) if len(lat) else None,
-        },
-        "errors": sum(stats.errors.values()),
-        "error_kinds": dict(stats.errors),
+        "requests_ok": len(ok),
+        "req_per_s": len(ok) / window,
+        "items_per_s": len(ok) * items_per_request / window,
+        "latency_ms": _percentiles(ok),
+        "refused": stats.statuses.get(REFUSED, 0),
+        "refused_latency_ms": _percentiles(stats.latencies_s.get(REFUSED, [])),
+        "slowest_ms": {str(s): t * 1000 for s, t in sorted(stats.slowest_s.items())},
+        "statuses": {str(s): n for s, n in sorted(stats.statuses.items())},
+        "failures": sum(stats.failures.values()),
+        "failure_kinds": dict(stats.failures),
+        "errors": sum(stats.failures.values()) + sum(other.values()),
         "client_cpu_cores": stats.client_cpu_s / window,
         "client_cpu_share": stats.client_cpu_s / window / ncpu,
         "server_cpu_cores": stats.server_cpu_s / window,
     }
 
 
-def find(result: Result, system: str, model: str, items: int, concurrency: int | None = None) -> list[Run]:
+def with_repeats(summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """Repeats of one point as one row: the repeat with the median req/s, plus every repeat's figures and their
+    spread, (max - min) / min of req/s."""
+    ordered = sorted(summaries, key=lambda s: s["req_per_s"])
+    row = dict(ordered[(len(ordered) - 1) // 2])
+    if len(summaries) > 1:
+        rates = [s["req_per_s"] for s in summaries]
+        row["repeats"] = [{"req_per_s": s["req_per_s"], "p99_ms": s["latency_ms"]["p99"]} for s in summaries]
+        row["spread_pct"] = (max(rates) / min(rates) - 1) * 100 if min(rates) > 0 else float("inf")
+    return row
+
+
+def find(result: Result, system: str, model: str, shape: str, concurrency: int | None = None) -> list[Run]:
     return [
         r
         for r in result["runs"]
         if r["system"] == system
         and r["model"] == model
-        and r["items_per_request"] == items
+        and r["shape"] == shape
         and (concurrency is None or r["concurrency"] == concurrency)
     ]
 
 
-def _one(result: Result, system: str, model: str, items: int, concurrency: int) -> Run | None:
-    runs = find(result, system, model, items, concurrency)
+def _one(result: Result, system: str, model: str, shape: str, concurrency: int) -> Run | None:
+    runs = find(result, system, model, shape, concurrency)
     return runs[0] if runs else None
 
 
+def _compute(result: Result, model: str) -> dict[str, Any] | None:
+    return next((c for c in result["compute"] if c["model"] == model), None)
+
+
+def comparisons(result: Result) -> list[tuple[str, str]]:
+    """(label, system) of what nnserve's items/s is divided by: the strong peer first."""
+    peer = result["meta"]["peer"]
+    return [
+        (f"/{peer}", peer),
+        ("/peer-ort-1", "peer-ort-1"),
+        ("/tutorial", "tutorial"),
+        ("batching on/off", "nnserve-nobatch"),
+        ("/litserve-floor", "litserve-floor"),
+    ]
+
+
 def ratios(result: Result) -> list[dict[str, Any]]:
-    """nnserve's throughput over each reference, per model and concurrency, where both were measured."""
+    """nnserve's items/s over each other system's, per model, shape and concurrency, where both were measured."""
     out = []
+    pairs = list(dict.fromkeys(comparisons(result)))
     for run in result["runs"]:
         if run["system"] != "nnserve":
             continue
-        row: dict[str, Any] = {k: run[k] for k in ("model", "items_per_request", "concurrency")}
-        for label, other in RATIOS:
-            ref = _one(result, other, run["model"], run["items_per_request"], run["concurrency"])
+        row: dict[str, Any] = {k: run[k] for k in ("model", "shape", "concurrency")}
+        for label, other in pairs:
+            ref = _one(result, other, run["model"], run["shape"], run["concurrency"])
             row[label] = run["items_per_s"] / ref["items_per_s"] if ref and ref["items_per_s"] else None
         out.append(row)
     return out
@@ -82,85 +127,153 @@ def _check(name: str, ok: bool | None, detail: str) -> dict[str, Any]:
     return {"name": name, "status": "SKIP" if ok is None else "PASS" if ok else "FAIL", "detail": detail}
 
 
-def targets(result: Result) -> list[dict[str, Any]]:
-    """The acceptance lines, each PASS/FAIL with its figures, or SKIP when this run did not measure it."""
-    out = []
-    nn, floor = _one(result, "nnserve", "digits", 1, 32), _one(result, "litserve-floor", "digits", 1, 32)
-    if nn and floor:
-        share = nn["req_per_s"] / floor["req_per_s"]
-        detail = f"{nn['req_per_s']:.0f} vs {floor['req_per_s']:.0f} req/s = {share:.0%}"
-        out.append(_check("digits c=32: nnserve >= 90% of LitServe floor req/s", share >= 0.9, detail))
-    else:
-        out.append(_check("digits c=32: nnserve >= 90% of LitServe floor req/s", None, "not measured"))
-    if nn and "p99" in nn["latency_ms"]:
-        p99 = nn["latency_ms"]["p99"]
-        out.append(_check("digits c=32: nnserve p99 <= 100 ms", p99 <= 100, f"p99 {p99:.1f} ms"))
-    else:
-        out.append(_check("digits c=32: nnserve p99 <= 100 ms", None, "not measured"))
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f} ms"
 
-    multi = [
-        r for r in result["runs"] if r["system"] == "nnserve" and r["model"] == "digits" and r["items_per_request"] > 1
-    ]
-    naive = find(result, "naive", "digits", 1)
-    name = "digits multi-item: nnserve items/s >= 5x naive single-image req/s"
-    if multi and naive:
-        best, ref = max(multi, key=lambda r: r["items_per_s"]), max(naive, key=lambda r: r["req_per_s"])
+
+def _against_peer(result: Result) -> Iterator[dict[str, Any]]:
+    peer = result["meta"]["peer"]
+    for model, c in itertools.product(HEADLINE_MODELS, HEADLINE_CONCURRENCY):
+        name = f"{model} x1 c={c}: nnserve req/s >= {peer} and p99 <= its p99"
+        nn, ref = _one(result, "nnserve", model, "x1", c), _one(result, peer, model, "x1", c)
+        if not (nn and ref):
+            yield _check(name, None, NOT_MEASURED)
+            continue
+        p99, ref_p99 = nn["latency_ms"]["p99"], ref["latency_ms"]["p99"]
+        share = nn["req_per_s"] / ref["req_per_s"] if ref["req_per_s"] else float("inf")
         detail = (
-            f"{best['items_per_s']:.0f} items/s ({best['items_per_request']}/request, c={best['concurrency']}) vs "
-            f"{ref['req_per_s']:.0f} req/s (c={ref['concurrency']}) = {best['items_per_s'] / ref['req_per_s']:.1f}x"
+            f"{nn['req_per_s']:.0f} vs {ref['req_per_s']:.0f} req/s ({share:.0%}), p99 {_ms(p99)} vs {_ms(ref_p99)}"
         )
-        out.append(_check(name, best["items_per_s"] >= 5 * ref["req_per_s"], detail))
-    else:
-        out.append(_check(name, None, "not measured"))
+        ok = share >= 1 and p99 is not None and (ref_p99 is None or p99 <= ref_p99)
+        yield _check(name, ok, detail)
 
-    on, off, nv = (_one(result, s, "cifar", 1, 64) for s in ("nnserve", "nnserve-nobatch", "naive"))
-    name = "cifar c=64: batching >= 1.5x no batching items/s"
-    if on and off:
-        detail = f"{on['items_per_s']:.0f} vs {off['items_per_s']:.0f} = {on['items_per_s'] / off['items_per_s']:.2f}x"
-        out.append(_check(name, on["items_per_s"] >= 1.5 * off["items_per_s"], detail))
-    else:
-        out.append(_check(name, None, "not measured"))
-    name = "cifar c=64: nnserve items/s >= naive"
-    if on and nv:
-        detail = f"{on['items_per_s']:.0f} vs {nv['items_per_s']:.0f} items/s"
-        out.append(_check(name, on["items_per_s"] >= nv["items_per_s"], detail))
-    else:
-        out.append(_check(name, None, "not measured"))
 
+def _against_compute(result: Result) -> Iterator[dict[str, Any]]:
+    name = f"cifar x1 c=64: nnserve items/s >= {COMPUTE_SHARE:.0%} of the compute line"
+    nn, line = _one(result, "nnserve", "cifar", "x1", 64), _compute(result, "cifar")
+    if not (nn and line):
+        yield _check(name, None, NOT_MEASURED)
+        return
+    share = nn["items_per_s"] / line["items_per_s"]
+    detail = f"{nn['items_per_s']:.0f} vs {line['items_per_s']:.0f} items/s ({share:.0%})"
+    yield _check(name, share >= COMPUTE_SHARE, detail)
+
+
+def _multi_item(result: Result) -> Iterator[dict[str, Any]]:
+    """Every multi-item shape, per model: no refusals; for cifar also items/s near the compute line."""
+    for model, shape in itertools.product(HEADLINE_MODELS, (s for s in SHAPES.values() if s.multi)):
+        with_compute = model == "cifar"
+        name = f"{model} {shape.name} c={','.join(map(str, shape.concurrency))}: zero 503s"
+        name += f", items/s >= {COMPUTE_SHARE:.0%} of the compute line" if with_compute else ""
+        runs = [r for c in shape.concurrency for r in find(result, "nnserve", model, shape.name, c)]
+        line = _compute(result, model)
+        if not runs or (with_compute and not line):
+            yield _check(name, None, NOT_MEASURED)
+            continue
+        refused = sum(r["refused"] for r in runs)
+        ok, figures = refused == 0, []
+        for r in runs:
+            figure = f"c={r['concurrency']} {r['items_per_s']:.0f}"
+            if with_compute:
+                assert line is not None
+                share = r["items_per_s"] / line["items_per_s"]
+                ok = ok and share >= COMPUTE_SHARE
+                figure += f" ({share:.0%})"
+            figures.append(figure)
+        missing = [c for c in shape.concurrency if not find(result, "nnserve", model, shape.name, c)]
+        detail = f"{refused} refused; items/s " + ", ".join(figures)
+        detail += f" vs {line['items_per_s']:.0f}" if with_compute and line else ""
+        detail += f"; not measured at c={','.join(map(str, missing))}" if missing else ""
+        # a failure at any measured point fails the line; all passing but some unmeasured is not a pass yet
+        yield _check(name, None if ok and missing else ok, detail)
+
+
+def _overload(result: Result) -> Iterator[dict[str, Any]]:
+    for model in HEADLINE_MODELS:
+        c = OVERLOAD_CONCURRENCY
+        name = f"{model} x1 c={c}: every request answered 200 or refused 503 within {REFUSE_WITHIN_MS:.0f} ms"
+        nn = _one(result, "nnserve", model, "x1", c)
+        if not nn:
+            yield _check(name, None, NOT_MEASURED)
+            continue
+        slowest_refusal = nn["slowest_ms"].get(str(REFUSED))
+        others = {s: n for s, n in nn["statuses"].items() if s not in ("200", str(REFUSED))}
+        ok = nn["failures"] == 0 and not others and (slowest_refusal or 0.0) <= REFUSE_WITHIN_MS
+        detail = (
+            f"{nn['statuses'].get('200', 0)} x 200 (p99 {_ms(nn['latency_ms']['p99'])}), "
+            f"{nn['refused']} x 503 (slowest {_ms(slowest_refusal)}), "
+            f"other statuses {others or 'none'}, {nn['failures']} without an answer {nn['failure_kinds'] or ''}"
+        )
+        yield _check(name, ok, detail.rstrip())
+
+
+def _memory(result: Result) -> Iterator[dict[str, Any]]:
+    server = result["servers"].get("nnserve", {})
+    name = f"nnserve RSS, three models, <= {RSS_LIMIT_MB:.0f} MB summed over its process tree"
+    backend = result["meta"]["nnserve_env"].get("NNSERVE_BACKEND", "onnx")
+    if "peak_rss_mb" not in server or set(result["meta"]["models"]) != ALL_MODELS or backend != "onnx":
+        yield _check(name, None, "not measured with the three models on the ONNX backend")
+    else:
+        rss = server["peak_rss_mb"]
+        detail = f"peak {rss:.0f} MB RSS (PSS {server['peak_pss_mb']:.0f} MB) over {server['processes']} processes"
+        yield _check(name, rss <= RSS_LIMIT_MB, detail)
+    measured = {
+        s: result["servers"][s]["torch_loaded"] for s in NNSERVE if "torch_loaded" in result["servers"].get(s, {})
+    }
+    detail = ", ".join(f"{s}: {'mapped' if t else 'not mapped'}" for s, t in measured.items()) or NOT_MEASURED
+    yield _check(
+        "libtorch mapped by no process of nnserve's tree", not any(measured.values()) if measured else None, detail
+    )
+
+
+def _digits_latency(result: Result) -> Iterator[dict[str, Any]]:
+    name = f"digits x1 c=32: nnserve p99 <= {DIGITS_P99_MS:.0f} ms"
+    nn = _one(result, "nnserve", "digits", "x1", 32)
+    p99 = nn["latency_ms"]["p99"] if nn else None
+    yield _check(name, None if p99 is None else p99 <= DIGITS_P99_MS, _ms(p99) if nn else NOT_MEASURED)
+
+
+def _stability(result: Result) -> Iterator[dict[str, Any]]:
+    repeated = [r for r in result["runs"] if len(r.get("repeats", [])) >= 3]
+    if not repeated:
+        yield _check(f"stable: 3 repeats within {SPREAD_LIMIT_PCT:.0f}%", None, "no point measured 3 times")
+    for r in repeated:
+        point = f"{r['system']} {r['model']} {r['shape']} c={r['concurrency']}"
+        name = f"stable: {point}, repeats within {SPREAD_LIMIT_PCT:.0f}%"
+        rates = ", ".join(f"{x['req_per_s']:.0f}" for x in r["repeats"])
+        yield _check(name, r["spread_pct"] <= SPREAD_LIMIT_PCT, f"{rates} req/s: spread {r['spread_pct']:.1f}%")
+
+
+def _errors(result: Result) -> Iterator[dict[str, Any]]:
     nn_runs = [r for r in result["runs"] if r["system"] in NNSERVE]
     wrong = sum(r.get("answer_check", "ok") != "ok" for r in nn_runs)
     errors = sum(r["errors"] for r in nn_runs) + wrong
     detail = f"{errors} errors in {sum(r['requests_ok'] for r in nn_runs)} ok requests ({wrong} wrong answers)"
-    out.append(_check("zero errors (nnserve)", errors == 0 if nn_runs else None, detail if nn_runs else "not measured"))
-
-    server = result["servers"].get("nnserve", {})
-    backend = result["meta"]["nnserve_env"].get("NNSERVE_BACKEND", "onnx")
-    if "peak_rss_mb" in server and backend == "onnx":
-        rss = server["peak_rss_mb"]
-        detail = f"peak {rss:.0f} MB RSS (PSS {server['peak_pss_mb']:.0f} MB) over {server['processes']} processes"
-        out.append(_check("nnserve total server RSS < 600 MB (ONNX)", rss < 600, detail))
-    else:
-        out.append(_check("nnserve total server RSS < 600 MB (ONNX)", None, "not measured with the ONNX backend"))
-    measured = {
-        s: result["servers"][s]["torch_loaded"] for s in NNSERVE if "torch_loaded" in result["servers"].get(s, {})
-    }
-    detail = ", ".join(f"{s}: {'loaded' if t else 'not loaded'}" for s, t in measured.items()) or "not measured"
-    out.append(
-        _check(
-            "torch not imported in nnserve's serving processes",
-            not any(measured.values()) if measured else None,
-            detail,
-        )
+    yield _check(
+        "nnserve: no errors (refusals apart) and no wrong answers",
+        errors == 0 if nn_runs else None,
+        detail if nn_runs else NOT_MEASURED,
     )
+
+
+def _soak(result: Result) -> Iterator[dict[str, Any]]:
+    if "soak" not in result:
+        return
+    soak = result["soak"]
+    detail = (
+        f"RSS {soak['rss_first_mb']:.0f} -> {soak['rss_last_mb']:.0f} MB ({soak['growth_pct']:+.1f}%), "
+        f"{soak['errors']} errors"
+    )
+    ok = soak["growth_pct"] <= SOAK_GROWTH_LIMIT_PCT and soak["errors"] == 0
+    yield _check(f"soak: RSS growth <= {SOAK_GROWTH_LIMIT_PCT:g}% and no failures", ok, detail)
+
+
+def targets(result: Result) -> list[dict[str, Any]]:
+    """The acceptance lines, each PASS/FAIL with its figures, or SKIP when this run did not measure it."""
     if "soak" in result:
-        soak = result["soak"]
-        detail = (
-            f"RSS {soak['rss_first_mb']:.0f} -> {soak['rss_last_mb']:.0f} MB ({soak['growth_pct']:+.1f}%), "
-            f"{soak['errors']} errors"
-        )
-        ok = soak["growth_pct"] <= SOAK_GROWTH_LIMIT_PCT and soak["errors"] == 0
-        out.append(_check(f"soak: RSS growth <= {SOAK_GROWTH_LIMIT_PCT:g}% and no failures", ok, detail))
-    return out
+        return list(_soak(result))
+    lines = (_against_peer, _against_compute, _multi_item, _overload, _memory, _digits_latency, _stability, _errors)
+    return [check for line in lines for check in line(result)]
 
 
 def _fmt(value: float | None, spec: str = ".0f") -> str:
@@ -168,59 +281,72 @@ def _fmt(value: float | None, spec: str = ".0f") -> str:
 
 
 def _rows(result: Result) -> Iterator[str]:
-    groups = sorted({(r["model"], r["items_per_request"]) for r in result["runs"]})
+    groups = list(dict.fromkeys((r["model"], r["shape"]) for r in result["runs"]))
     head = (
-        f"{'system':<16}{'c':>4}{'req/s':>9}{'items/s':>9}{'p50 ms':>8}{'p95 ms':>8}{'p99 ms':>8}"
-        f"{'errors':>7}{'client CPU':>12}{'server CPU':>11}"
+        f"{'system':<16}{'c':>4}{'req/s':>9}{'items/s':>9}{'p50 ms':>8}{'p99 ms':>8}{'503s':>7}{'503 max':>8}"
+        f"{'errors':>7}{'client CPU':>11}{'server CPU':>11}{'spread':>8}"
     )
-    for model, items in groups:
-        yield f"\n{model}, {items} item{'s' if items > 1 else ''}/request"
+    for model, shape in groups:
+        yield f"\n{model}, {shape} ({SHAPES[shape].items} per request, {SHAPES[shape].envelope})"
         yield head
-        for r in (r for r in result["runs"] if r["model"] == model and r["items_per_request"] == items):
-            lat = r["latency_ms"]
+        for r in (r for r in result["runs"] if r["model"] == model and r["shape"] == shape):
+            lat, refused = r["latency_ms"], r["refused_latency_ms"]
+            spread = f"{r['spread_pct']:.1f}%" if "spread_pct" in r else ""
             yield (
                 f"{r['system']:<16}{r['concurrency']:>4}{_fmt(r['req_per_s']):>9}{_fmt(r['items_per_s']):>9}"
-                f"{_fmt(lat.get('p50'), '.1f'):>8}{_fmt(lat.get('p95'), '.1f'):>8}{_fmt(lat.get('p99'), '.1f'):>8}"
-                f"{r['errors']:>7}{r['client_cpu_cores']:>7.2f} cpu{r['server_cpu_cores']:>7.2f} cpu"
+                f"{_fmt(lat['p50'], '.1f'):>8}{_fmt(lat['p99'], '.1f'):>8}{r['refused']:>7}"
+                f"{_fmt(refused['max'], '.1f'):>8}{r['errors']:>7}{r['client_cpu_cores']:>7.2f} cpu"
+                f"{r['server_cpu_cores']:>7.2f} cpu{spread:>8}"
             )
             if r.get("answer_check", "ok") != "ok":
                 yield f"{'':<16}^ wrong answer, figures above do not count: {r['answer_check']}"
 
 
+def _servers(result: Result) -> Iterator[str]:
+    yield (
+        f"\n{'server':<16}{'startup s':>10}{'peak RSS MB':>12}{'peak PSS MB':>12}{'processes':>10}"
+        f"{'torch':>7}{'stop s':>8}{'orphans':>8}{'killed':>7}"
+    )
+    for name, s in result["servers"].items():
+        if "error" in s:
+            yield f"{name:<16}did not start: {s['error'].splitlines()[0]}"
+            continue
+        yield (
+            f"{name:<16}{s['startup_s']:>10.1f}{s['peak_rss_mb']:>12.0f}{s['peak_pss_mb']:>12.0f}"
+            f"{s['processes']:>10}{'yes' if s['torch_loaded'] else 'no':>7}"
+            f"{s['stop_s']:>8.1f}{s['left_after_main_exit']:>8}{s['killed_after_grace']:>7}"
+        )
+
+
 def text(result: Result) -> str:
-    """The printed report: runs, servers, compute limit, ratios, target checks."""
+    """The printed report: provenance, runs, servers, compute line, ratios, target checks."""
     meta = result["meta"]
     lines = [
-        f"nnserve serving benchmark, {meta['host']} ({meta['cpu_count']} CPUs, {meta['device']}) {meta['timestamp']}",
+        f"nnserve serving benchmark, {meta['host']} ({meta['cpu_count']} x {meta['cpu_model']}, {meta['device']}) "
+        f"{meta['timestamp']}",
+        f"commit {meta['commit']}{'' if meta['tree_clean'] else ' with uncommitted changes'}; "
         f"load average before/after: {meta['loadavg_before']} / {meta['loadavg_after']}",
-        *_rows(result),
     ]
+    if not meta["idle"]:
+        lines.append(f"WARNING: {meta['idle_note']}")
+    lines += list(_rows(result))
     if result["servers"]:
-        lines += [
-            "",
-            f"{'server':<16}{'startup s':>10}{'peak RSS MB':>12}{'peak PSS MB':>12}{'processes':>10}"
-            f"{'torch':>7}{'stop s':>8}{'orphans':>8}{'killed':>7}",
-        ]
-        for name, s in result["servers"].items():
-            if "error" in s:
-                lines.append(f"{name:<16}did not start: {s['error'].splitlines()[0]}")
-                continue
-            lines.append(
-                f"{name:<16}{s['startup_s']:>10.1f}{s['peak_rss_mb']:>12.0f}{s['peak_pss_mb']:>12.0f}"
-                f"{s['processes']:>10}{'yes' if s['torch_loaded'] else 'no':>7}"
-                f"{s['stop_s']:>8.1f}{s['left_after_main_exit']:>8}{s['killed_after_grace']:>7}"
-            )
+        lines += list(_servers(result))
     if result["compute"]:
-        lines += ["", "raw model (ONNX Runtime, 1 intra-op thread): items/s"]
-        lines += [
-            f"  {c['model']:<10} batch {c['batch']:>3}: {c['items_per_s']:>10.0f}  {c['providers'][0]}"
-            for c in result["compute"]
-        ]
-    if any(row[label] is not None for row in result["ratios"] for label, _ in RATIOS):
-        lines += ["", f"{'items/s ratio':<22}{'c':>4}" + "".join(f"{label:>24}" for label, _ in RATIOS)]
+        lines += ["", "compute line (ONNX Runtime in-process, no HTTP, no decoding): items/s"]
+        for c in result["compute"]:
+            per_batch = ", ".join(f"{b}: {v:.0f}" for b, v in c["one_thread"].items())
+            lines.append(
+                f"  {c['model']:<9}{c['items_per_s']:>9.0f}  batch {c['batch']}, {c['how']}  "
+                f"(1 thread by batch: {per_batch})"
+            )
+    pairs = list(dict.fromkeys(comparisons(result)))
+    shown = [(label, other) for label, other in pairs if any(row[label] is not None for row in result["ratios"])]
+    if shown:
+        lines += ["", f"{'nnserve items/s ratio':<28}{'c':>4}" + "".join(f"{label:>17}" for label, _ in shown)]
         for row in result["ratios"]:
-            key = f"{row['model']} x{row['items_per_request']}"
-            lines.append(f"{key:<22}{row['concurrency']:>4}" + "".join(f"{_fmt(row[k], '.2f'):>24}" for k, _ in RATIOS))
+            key = f"{row['model']} {row['shape']}"
+            lines.append(f"{key:<28}{row['concurrency']:>4}" + "".join(f"{_fmt(row[k], '.2f'):>17}" for k, _ in shown))
     if "soak" in result:
         soak = result["soak"]
         lines += [
@@ -228,13 +354,18 @@ def text(result: Result) -> str:
             f"soak: {soak['duration_s']:.0f} s at c={soak['concurrency']} on {soak['model']}, {len(soak['samples'])} "
             f"samples; RSS compared over the first and last {soak['window_s']:.0f} s after {soak['warmup_s']:.0f} s",
         ]
-    lines += ["", "targets:"]
-    lines += [f"  {t['status']:<4} {t['name']}: {t['detail']}" for t in result["targets"]]
+    lines += ["", "targets" + ("" if meta["idle"] else " (machine not idle: figures not comparable)") + ":"]
+    lines += [f"  {t['status']:<4} {t['name']}: {t['detail']}" for t in result["targets"] if t["status"] != "SKIP"]
+    skipped = [t for t in result["targets"] if t["status"] == "SKIP"]
+    if skipped:
+        lines.append(f"  not (fully) measured by this run ({len(skipped)}):")
+        lines += [f"  SKIP {t['name']}" + ("" if t["detail"] == NOT_MEASURED else f": {t['detail']}") for t in skipped]
     return "\n".join(lines)
 
 
 def charts(result: Result, out_dir: Path, label: str) -> list[Path]:
-    """Throughput and latency against concurrency, one panel per model, one line per system."""
+    """Per request shape: throughput and p99 latency against concurrency, one panel per model, one line per
+    system; multi-item shapes plot items/s against the compute line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -242,48 +373,45 @@ def charts(result: Result, out_dir: Path, label: str) -> list[Path]:
 
     if "soak" in result:
         return [_soak_chart(result, out_dir / f"{label}-memory.png", plt)]
-    single = [r for r in result["runs"] if r["items_per_request"] == 1]
-    models = list(dict.fromkeys(r["model"] for r in single))
-    systems = list(dict.fromkeys(r["system"] for r in single))
-    concurrencies = sorted({r["concurrency"] for r in single})
-    if not models:
-        return []
+    systems = list(dict.fromkeys(r["system"] for r in result["runs"]))
     paths = []
-    for kind in ("throughput", "latency"):
-        fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.2), squeeze=False)
-        for ax, model in zip(axes[0], models, strict=True):
-            for i, system in enumerate(systems):
-                runs = sorted(
-                    (r for r in single if r["system"] == system and r["model"] == model), key=lambda r: r["concurrency"]
-                )
-                if not runs:
-                    continue
-                xs = [r["concurrency"] for r in runs]
-                color = f"C{i}"
-                if kind == "throughput":
-                    ax.plot(xs, [r["req_per_s"] for r in runs], "o-", color=color, label=system)
-                else:
-                    for pct, style in (("p50", "o-"), ("p99", "s--")):
-                        ys = [r["latency_ms"].get(pct, float("nan")) for r in runs]
-                        ax.plot(xs, ys, style, color=color, label=f"{system} {pct}")
-            if kind == "throughput":
-                for c in result["compute"]:
-                    if c["model"] == model and c["batch"] == 1:
-                        ax.axhline(c["items_per_s"], color="gray", ls=":", label="raw model, batch 1, 1 thread")
-            ax.set_ylabel("requests/s" if kind == "throughput" else "latency, ms")
-            ax.set_yscale("log")
-            ax.set_xscale("log", base=2)
-            ax.set_xticks(concurrencies, [str(c) for c in concurrencies])
-            ax.set_xlabel("concurrent requests")
-            ax.set_title(f"{model} ({result['meta']['device']})")
-            ax.grid(True, alpha=0.3)
-            ax.legend(fontsize=7)
+    for shape in dict.fromkeys(r["shape"] for r in result["runs"]):
+        runs = [r for r in result["runs"] if r["shape"] == shape]
+        models = list(dict.fromkeys(r["model"] for r in runs))
+        fig, axes = plt.subplots(2, len(models), figsize=(5.5 * len(models), 7.5), squeeze=False)
+        for col, model in enumerate(models):
+            _panel(axes[0][col], axes[1][col], result, [r for r in runs if r["model"] == model], systems)
+            axes[0][col].set_title(f"{model}, {shape} ({result['meta']['device']})")
         fig.tight_layout()
-        path = out_dir / f"{label}-{kind}.png"
+        path = out_dir / f"{label}-{shape}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def _panel(top: Any, bottom: Any, result: Result, runs: list[Run], systems: list[str]) -> None:
+    multi = runs[0]["items_per_request"] > 1
+    key = "items_per_s" if multi else "req_per_s"
+    for i, system in enumerate(systems):
+        mine = sorted((r for r in runs if r["system"] == system), key=lambda r: r["concurrency"])
+        if not mine:
+            continue
+        xs = [r["concurrency"] for r in mine]
+        top.plot(xs, [r[key] for r in mine], "o-", color=f"C{i}", label=system)
+        bottom.plot(xs, [r["latency_ms"]["p99"] or float("nan") for r in mine], "s-", color=f"C{i}", label=system)
+    line = _compute(result, runs[0]["model"])
+    if line and runs[0]["shape"] != "series":
+        top.axhline(line["items_per_s"], color="gray", ls=":", label="compute line (items/s)")
+    concurrencies = sorted({r["concurrency"] for r in runs})
+    for ax, ylabel in ((top, "items/s" if multi else "requests/s"), (bottom, "p99 latency, ms")):
+        ax.set_ylabel(ylabel)
+        ax.set_yscale("log")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(concurrencies, [str(c) for c in concurrencies])
+        ax.set_xlabel("concurrent requests")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
 
 
 def _soak_chart(result: Result, path: Path, plt: Any) -> Path:

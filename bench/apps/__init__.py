@@ -1,8 +1,14 @@
-"""Baseline servers the benchmark compares nnserve with; each runs as `python -m bench.apps.<name> --port P`."""
+"""Baseline servers the benchmark compares nnserve with: `tutorial` and `litserve_floor` run as
+`python -m bench.apps.<name> --port P`, the uvicorn apps (`peer_ort`, `http_floor`) under uvicorn's own command
+line with `--workers N`, as their users would deploy them."""
 
 import argparse
 
+import numpy as np
+
 from bench.loadgen import HOST
+
+TOP_K = 3
 
 # What the floors answer: shaped like one nnserve classification reply, so response bytes are comparable.
 CONSTANT_REPLY = {
@@ -12,6 +18,7 @@ CONSTANT_REPLY = {
         {
             "index": 7,
             "label": "7",
+            "probability": 0.998,
             "top_k": [
                 {"index": 7, "label": "7", "probability": 0.998},
                 {"index": 2, "label": "2", "probability": 0.001},
@@ -22,14 +29,24 @@ CONSTANT_REPLY = {
 }
 
 
-def arguments(description: str, models: bool = False) -> argparse.Namespace:
-    """The command line every baseline shares: where to listen and, for model servers, what to load."""
+def command_line(description: str) -> argparse.ArgumentParser:
+    """The command line of the baselines started as `python -m bench.apps.<name>`: where to listen, what to load."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--host", default=HOST, choices=[HOST])
-    if models:
-        parser.add_argument("--model", default="digits,cifar,sequence", help="comma-separated model names")
-        parser.add_argument("--models-dir", default=None, help="model repository (default: the project's)")
-        parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-        parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
-    return parser.parse_args()
+    parser.add_argument("--model", default="digits,cifar,sequence", help="comma-separated model names")
+    parser.add_argument("--models-dir", default=None, help="model repository (default: the project's)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    return parser
+
+
+def top_k(probs: np.ndarray, labels: list[str]) -> list[dict[str, object]]:
+    """Rows of class probabilities as nnserve's /v1 predictions: the best class and the TOP_K best."""
+    predictions = []
+    for row in probs:
+        ranked = [
+            {"index": int(i), "label": labels[int(i)], "probability": round(float(row[i]), 6)}
+            for i in np.argsort(-row)[:TOP_K]
+        ]
+        predictions.append({**ranked[0], "top_k": ranked})
+    return predictions

@@ -11,7 +11,7 @@ the cheapest body LitServe can take (a multipart form costs more to parse), whic
 
 import litserve as ls
 
-from bench.apps import CONSTANT_REPLY, arguments
+from bench.apps import CONSTANT_REPLY, command_line
 
 
 class ConstantAPI(ls.LitAPI):
@@ -25,7 +25,7 @@ class ConstantAPI(ls.LitAPI):
 if __name__ == "__main__":
     from service.config import Settings
 
-    args = arguments(__doc__.splitlines()[0], models=True)
+    args = command_line(__doc__.splitlines()[0]).parse_args()
     settings = Settings()
     apis = [
         ConstantAPI(

@@ -1,9 +1,11 @@
-"""Naive baseline: a trained model served the way a first FastAPI tutorial serves it.
+"""Tutorial baseline: a trained model served the way a first FastAPI tutorial serves it.
 
-FastAPI + uvicorn; each request decodes its image(s) with PIL and runs the PyTorch model from the TorchScript
-artifact (`model.pt`) right in the async handler: one request, one image at a time, no batching, torch's
-default intra-op threads unless `--threads` says otherwise. Preprocessing is the manifest's, the same nnserve
-applies, so both compute the same answer. Routes and bodies are nnserve's (raw image, multipart, series JSON).
+FastAPI + uvicorn, one process; each request decodes its image(s) with PIL and runs the PyTorch model from the
+TorchScript artifact (`model.pt`) right in the async handler, one image at a time, with torch's default intra-op
+threads unless `--threads` says otherwise. On a machine whose cores are also busy with other work (the load
+generator included) those threads oversubscribe the cores, which is why this is not the peer the headline
+ratios use (`peer_ort.py` is). Preprocessing is the manifest's; routes and bodies are nnserve's (raw image,
+multipart, series JSON).
 """
 
 from pathlib import Path
@@ -14,10 +16,8 @@ from fastapi import FastAPI, HTTPException, Request
 from starlette.datastructures import UploadFile  # what form parts are; fastapi's UploadFile subclasses it
 
 import models
-from bench.apps import arguments
+from bench.apps import command_line, top_k
 from bench.payloads import image_tensor, series_tensor
-
-TOP_K = 3
 
 
 def build(names: list[str], root: Path, device: torch.device) -> FastAPI:
@@ -51,13 +51,8 @@ def build(names: list[str], root: Path, device: torch.device) -> FastAPI:
         for png in images:
             x = torch.from_numpy(image_tensor(png, manifest.preprocessing))[None].to(device)
             with torch.no_grad():
-                probs = torch.softmax(net(x)[0], dim=0)
-            top = torch.topk(probs, TOP_K)
-            ranked = [
-                {"index": int(i), "label": manifest.labels[int(i)], "probability": float(p)}
-                for p, i in zip(top.values, top.indices, strict=True)
-            ]
-            predictions.append({**{k: ranked[0][k] for k in ("index", "label")}, "top_k": ranked})
+                probs = torch.softmax(net(x), dim=1)
+            predictions += top_k(probs.cpu().numpy(), manifest.labels)
         reply["predictions"] = predictions
         return reply
 
@@ -69,7 +64,9 @@ def build(names: list[str], root: Path, device: torch.device) -> FastAPI:
 
 
 if __name__ == "__main__":
-    args = arguments(__doc__.splitlines()[0], models=True)
+    parser = command_line(__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     root = Path(args.models_dir) if args.models_dir else models.DEFAULT_ROOT

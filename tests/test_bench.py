@@ -1,0 +1,164 @@
+"""The benchmark harness: its peer apps answer as nnserve does, its load generator tells refusals from answers,
+and a tiny run of every system yields a result that says what produced it. Figures are not judged here."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from bench.loadgen import HOST, REFUSED, run_load
+from bench.report import summarize
+from bench.server import Server, free_port
+from bench.systems import catalog
+from tests.data import cifar_test_pngs, data_dir, mnist_test_pngs, weather_2015
+from tests.serving import ROOT, RunningServer
+
+MODELS = ["digits", "cifar", "sequence"]
+# The envelopes each app takes: the tutorial app reads raw images and forms, as its tutorial did.
+ENVELOPES = {"peer-ort-2": ("raw", "multipart", "json-b64"), "tutorial": ("raw", "multipart")}
+
+
+@pytest.fixture(scope="module", params=list(ENVELOPES))
+def peer(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """(name, url) of a peer app started by the harness as a full run starts it, serving the three models."""
+    system = catalog(2)[request.param]
+    port = free_port()
+    argv = system.command(port, MODELS, ROOT / "models", "cpu")
+    env = system.environment(port, MODELS, ROOT / "models", "cpu", None)
+    log = tmp_path_factory.mktemp(system.name) / "server.log"
+    with Server(system.name, argv, env, port, system.ready_path, log, ROOT):
+        yield system.name, f"http://{HOST}:{port}"
+
+
+def _top1(url: str, model: str, pngs: list[bytes], envelope: str) -> list[int]:
+    path = f"{url}/v1/{model}/predict"
+    if envelope == "raw":
+        answers = [httpx.post(path, content=b, headers={"Content-Type": "image/png"}, timeout=60) for b in pngs]
+    elif envelope == "multipart":
+        files = [("images", (f"{i}.png", b, "image/png")) for i, b in enumerate(pngs)]
+        answers = [httpx.post(path, files=files, timeout=60)]
+    else:
+        instances = [{"b64": base64.b64encode(b).decode()} for b in pngs]
+        answers = [httpx.post(path, json={"instances": instances}, timeout=60)]
+    for r in answers:
+        assert r.status_code == 200, r.text
+        assert r.json()["model"] == model
+    return [p["index"] for r in answers for p in r.json()["predictions"]]
+
+
+def test_peers_answer_as_nnserve_does(server: RunningServer, peer: tuple[str, str]) -> None:
+    name, url = peer
+    images = {"digits": [b for b, _ in mnist_test_pngs(8)], "cifar": [b for b, _ in cifar_test_pngs()[::60]]}
+    for model, pngs in images.items():
+        want = _top1(server.url, model, pngs, "raw")
+        assert len(want) == len(pngs) >= 8
+        for envelope in ENVELOPES[name]:
+            assert _top1(url, model, pngs, envelope) == want, (model, envelope)
+    window = weather_2015()[:30].tolist()
+    forecasts = [
+        httpx.post(f"{u}/v1/sequence/predict", json={"series": window}, timeout=60).json()["predictions"][0]["forecast"]
+        for u in (server.url, url)
+    ]
+    assert len(forecasts[1]) == len(forecasts[0]) > 0
+    assert np.allclose(forecasts[1], forecasts[0], atol=1e-3)
+
+
+async def _alternating_server() -> tuple[asyncio.Server, int]:
+    """An HTTP/1.1 server that refuses every other request at once (503) and answers the rest after 40 ms."""
+    count = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal count
+        try:
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                await reader.readexactly(length)
+                count += 1
+                if count % 2:
+                    writer.write(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\n\r\n")
+                else:
+                    await asyncio.sleep(0.04)
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    srv = await asyncio.start_server(handle, HOST, 0)
+    return srv, srv.sockets[0].getsockname()[1]
+
+
+def test_load_generator_keeps_refusals_apart() -> None:
+    async def scenario() -> dict:
+        srv, port = await _alternating_server()
+        request = f"POST /x HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: 2\r\n\r\nhi".encode()
+        async with srv:
+            stats = await run_load(port=port, requests=[request], concurrency=4, duration_s=1.0, warmup_s=0.2)
+        return summarize(stats, 1, os.cpu_count() or 1)
+
+    row = asyncio.run(scenario())
+    assert row["requests_ok"] > 0 and row["refused"] > 0
+    assert set(row["statuses"]) == {"200", str(REFUSED)} and row["failures"] == 0 and row["errors"] == 0
+    assert row["latency_ms"]["p50"] >= 40.0 > row["refused_latency_ms"]["max"]
+    assert row["slowest_ms"][str(REFUSED)] < 40.0 <= row["slowest_ms"]["200"]
+
+
+def test_tiny_run_of_every_system_records_what_produced_it(tmp_path: Path) -> None:
+    systems = list(catalog(2))
+    argv = [sys.executable, "-m", "bench", "--systems", ",".join(systems), "--models", "digits"]
+    argv += ["--shapes", "x1,x8-json", "--concurrency", "32", "--duration", "1", "--warmup", "0.3"]
+    argv += ["--repeats", "3", "--compute-seconds", "0.05", "--data-dir", str(data_dir()), "--out", str(tmp_path)]
+    env = {**os.environ, "NNSERVE_API_SERVERS": "2"}
+    done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "latest-cpu.json").read_text())
+    meta = result["meta"]
+
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert meta["commit"] == head.stdout.strip()
+    assert isinstance(meta["tree_clean"], bool) and meta["tree_clean"] == (meta["changed_files"] == [])
+    assert {"onnxruntime", "fastapi", "uvicorn", "litserve", "numpy"} <= set(meta["versions"])
+    assert meta["cpu_count"] == os.cpu_count() and meta["cpu_model"]
+    assert len(meta["loadavg_before"]) == len(meta["loadavg_after"]) == 3
+    assert meta["idle"] == (meta["loadavg_before"][0] <= 0.5 * meta["cpu_count"])
+    assert ("WARNING" in done.stdout) == (not meta["idle"])
+    assert meta["peer"] == "peer-ort-2"
+
+    for system in systems:
+        runs = [r for r in result["runs"] if r["system"] == system and r["shape"] == "x1"]
+        assert len(runs) == 1, system
+        assert runs[0]["requests_ok"] > 0 and runs[0]["answer_check"] == "ok", (system, runs[0])
+        assert runs[0]["failures"] == 0, (system, runs[0]["failure_kinds"])
+    for system in ("nnserve", "peer-ort-2", "peer-ort-1"):
+        x8 = [r for r in result["runs"] if r["system"] == system and r["shape"] == "x8-json"]
+        assert x8 and x8[0]["items_per_request"] == 8 and x8[0]["answer_check"] == "ok", system
+    for system in ("nnserve", "peer-ort-2"):
+        stable = next(r for r in result["runs"] if r["system"] == system and r["shape"] == "x1")
+        assert len(stable["repeats"]) == 3 and stable["spread_pct"] >= 0
+
+    servers = result["servers"]
+    assert {s: servers[s]["torch_loaded"] for s in ("nnserve", "peer-ort-2", "peer-ort-1", "tutorial")} == {
+        "nnserve": False,
+        "peer-ort-2": False,
+        "peer-ort-1": False,
+        "tutorial": True,  # the libtorch check sees torch where it is loaded
+    }
+    assert servers["peer-ort-2"]["processes"] >= 3 and servers["peer-ort-1"]["processes"] == 1
+    assert result["compute"][0]["model"] == "digits" and result["compute"][0]["items_per_s"] > 0
+
+    statuses = {t["name"]: t["status"] for t in result["targets"]}
+    assert set(statuses.values()) <= {"PASS", "FAIL", "SKIP"}
+    assert statuses["digits x1 c=32: nnserve req/s >= peer-ort-2 and p99 <= its p99"] != "SKIP"
+    assert statuses["stable: nnserve digits x1 c=32, repeats within 10%"] != "SKIP"
+    assert statuses["digits x1 c=256: every request answered 200 or refused 503 within 50 ms"] == "SKIP"
+    for shape in ("x1", "x8-json"):
+        assert (tmp_path / f"latest-cpu-{shape}.png").read_bytes()[:4] == b"\x89PNG"
