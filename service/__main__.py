@@ -10,7 +10,9 @@ import shutil
 import sys
 import tempfile
 
-from service.config import Settings
+from pydantic import ValidationError
+
+from service.config import Settings, settings_problems
 
 # glibc's own knobs (mallopt) and the environment variables that set them in a newly started process.
 _MALLOC = {"MALLOC_ARENA_MAX": (-8, "2"), "MALLOC_MMAP_THRESHOLD_": (-3, "131072")}
@@ -34,7 +36,11 @@ def _tune_malloc() -> None:
 
 
 def main() -> None:
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as e:
+        print("\n".join(f"nnserve: {line}" for line in settings_problems(e)), file=sys.stderr)
+        sys.exit(2)
     _tune_malloc()
     # Metrics from all processes meet in one folder; it must be known before prometheus_client is imported.
     if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:

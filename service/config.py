@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models import DEFAULT_ROOT
@@ -14,7 +15,7 @@ from models import DEFAULT_ROOT
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="NNSERVE_", extra="ignore")
 
-    host: Literal["0.0.0.0", "127.0.0.1", "::"] = Field("0.0.0.0", description="Interface to listen on.")
+    host: str = Field("0.0.0.0", description="Interface to listen on: an address or a host name of this machine.")
     port: int = Field(8000, ge=1024, le=65535, description="TCP port.")
     models_dir: Path = Field(DEFAULT_ROOT, description="Model repository: <name>/<version>/manifest.json.")
     models: str = Field("", description="Comma-separated model names to serve; empty serves all.")
@@ -50,9 +51,33 @@ class Settings(BaseSettings):
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity.")
     access_log: bool = Field(True, description="One info line per request, with its request id.")
+    cors_origins: str = Field(
+        "", description="Comma-separated origins allowed to call the API from a browser (`*` for any); empty: off."
+    )
+
+    @field_validator("host")
+    @classmethod
+    def _resolvable(cls, host: str) -> str:
+        try:
+            socket.getaddrinfo(host, None)
+        except (socket.gaierror, UnicodeError):
+            raise ValueError("not an address or a host name this machine resolves") from None
+        return host
 
     def queue_delay_limit(self) -> float:
         return self.max_queue_delay if self.max_queue_delay is not None else self.request_timeout / 2
 
     def model_list(self) -> list[str]:
         return [m.strip() for m in self.models.split(",") if m.strip()]
+
+    def cors_list(self) -> list[str]:
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
+
+
+def settings_problems(error: ValidationError) -> list[str]:
+    """One line per bad setting: the variable, the value given, and what is allowed."""
+    lines = []
+    for problem in error.errors():
+        name = "NNSERVE_" + "_".join(str(part) for part in problem["loc"]).upper()
+        lines.append(f"{name}={problem.get('input')!r}: {problem['msg'].removeprefix('Value error, ')}")
+    return lines

@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
 
 from models import load, model_names
 from service import routes
@@ -19,7 +20,7 @@ from service.api import ModelAPI, build_api
 from service.config import Settings
 from service.dataplane import DataPlane, Mode, SharedState
 from service.errors import install_handlers
-from service.gateway import Gateway
+from service.gateway import ASGIApp, Gateway
 from service.litserve_adapter import AdaptedServer
 from service.runtime import resolve_device, threads_per_worker
 
@@ -71,16 +72,26 @@ class NNServer(AdaptedServer):
         finally:
             await self.plane.stop()
 
-    def asgi_app(self) -> Gateway:
-        """The application each HTTP server process serves: the gateway around LitServe's FastAPI app."""
+    def asgi_app(self) -> ASGIApp:
+        """The application each HTTP server process serves: the gateway around LitServe's FastAPI app, and CORS
+        around both when configured (a browser's preflight carries no API key)."""
         paths = {route.path for route in self.app.routes if hasattr(route, "path")}
-        return Gateway(
+        app: ASGIApp = Gateway(
             self.app,
             api_key=self.settings.api_key,
             routes=paths,
             open_paths=routes.OPEN_PATHS,
             access_log=self.settings.access_log,
         )
+        if origins := self.settings.cors_list():
+            app = CORSMiddleware(
+                app,
+                allow_origins=origins,
+                allow_methods=["GET", "HEAD", "POST"],
+                allow_headers=["Authorization", "X-API-Key", "Content-Type", "X-Request-ID"],
+                expose_headers=["X-Request-ID", "Retry-After"],
+            )
+        return app
 
 
 def build_server(settings: Settings) -> NNServer:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -123,3 +126,38 @@ def test_a_failing_item_does_not_fail_its_batch_and_gets_a_500() -> None:
     error = ApiError(*answers[3])  # what the predict route raises for it
     response = error.response()
     assert response.status_code == 500 and json.loads(response.body)["error"]["code"] == "internal"
+
+
+def test_a_bad_setting_is_one_line_and_exit_code_2() -> None:
+    env = {**os.environ, "NNSERVE_MAX_BATCH_SIZE": "many", "NNSERVE_PORT": "80"}
+    done = subprocess.run(
+        [sys.executable, "-m", "service"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        "nnserve: NNSERVE_PORT='80': Input should be greater than or equal to 1024",
+        "nnserve: NNSERVE_MAX_BATCH_SIZE='many': Input should be a valid integer, unable to parse string as an integer",
+    ]
+    assert "Traceback" not in done.stderr + done.stdout
+
+
+def test_localhost_is_a_host_and_cors_is_off_unless_configured() -> None:
+    with running_server(NNSERVE_HOST="localhost", NNSERVE_MODELS="digits") as srv:
+        preflight = {"Origin": "http://example.test", "Access-Control-Request-Method": "POST"}
+        r = httpx.options(f"{srv.url}/v1/digits/predict", headers=preflight)
+        assert "access-control-allow-origin" not in r.headers
+    with running_server(
+        NNSERVE_CORS_ORIGINS="http://example.test", NNSERVE_API_KEY="k", NNSERVE_MODELS="digits"
+    ) as srv:
+        preflight["Access-Control-Request-Headers"] = "x-api-key,content-type"
+        r = httpx.options(f"{srv.url}/v1/digits/predict", headers=preflight)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://example.test"
+        digit, label = mnist_test_pngs(1)[0]
+        r = httpx.post(
+            f"{srv.url}/v1/digits/predict",
+            content=digit,
+            headers={**PNG, "Origin": "http://example.test", "X-API-Key": "k"},
+        )
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://example.test"
+        assert "x-request-id" in r.headers["access-control-expose-headers"].lower()
+        assert r.json()["predictions"][0]["index"] == label
