@@ -29,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from models import load, model_names
-from service import logs, metrics, schemas
+from service import logs, metrics, schemas, web
 from service.api import ModelAPI, build_api
 from service.config import Settings
 from service.errors import ApiError, error_response, install_handlers
@@ -85,7 +85,7 @@ class Gateway:
 
         path = scope["path"]
         try:
-            if self.api_key and path != "/health" and not self._authorized(headers):
+            if self.api_key and path != "/health" and not web.is_public(path) and not self._authorized(headers):
                 response = error_response(
                     401,
                     "unauthorized",
@@ -238,6 +238,7 @@ class NNServer(ls.LitServer):
 
     def _register_internal_endpoints(self) -> None:
         app = self.app
+        web.mount(app, "nnserve")
 
         @app.get("/health", tags=["operations"])
         async def health() -> dict[str, str]:
