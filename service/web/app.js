@@ -475,12 +475,17 @@ async function loadModels() {
 
 const keyInput = $("api-key");
 keyInput.value = sessionStorage.getItem(KEY_STORAGE) || "";
-keyInput.addEventListener("change", () => {
+function saveKey(event) {
+  if (event) event.preventDefault();
   const key = keyInput.value.trim();
+  if (key === (sessionStorage.getItem(KEY_STORAGE) || "")) return;
   if (key) sessionStorage.setItem(KEY_STORAGE, key);
   else sessionStorage.removeItem(KEY_STORAGE);
   loadModels();
-});
+}
+
+keyInput.addEventListener("change", () => saveKey());
+$("key-form").addEventListener("submit", saveKey);
 
 clearPad();
 loadModels();
