@@ -183,6 +183,25 @@ def test_a_hand_drawn_stroke_is_recognised(visit: Visit) -> None:
     visit.check_clean()
 
 
+def test_a_finger_draws_on_a_phone(browser: Browser, server: RunningServer) -> None:
+    context = browser.new_context(viewport={"width": 390, "height": 844}, has_touch=True, is_mobile=True)
+    page = context.new_page()
+    page.goto(server.url + "/")
+    start = pad_version(page)
+    box = page.locator("#digit-canvas").bounding_box()
+    assert box is not None
+    touch = context.new_cdp_session(page)
+    at = [(box["x"] + fx * box["width"], box["y"] + fy * box["height"]) for fx, fy in TWO]
+    touch.send("Input.dispatchTouchEvent", {"type": "touchStart", "touchPoints": [{"x": at[0][0], "y": at[0][1]}]})
+    for x, y in at[1:]:
+        touch.send("Input.dispatchTouchEvent", {"type": "touchMove", "touchPoints": [{"x": x, "y": y}]})
+    touch.send("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
+    assert shown_digit(page, start) == "2"
+    assert page.evaluate("window.scrollY") == 0, "drawing must not scroll the page"
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390, "the page fits a phone's width"
+    context.close()
+
+
 def _cifar_files() -> list[Path]:
     root = data_dir() / "cifar10-subset" / "test"
     return [sorted((root / name).glob("*.png"))[k] for name in CIFAR10_CLASSES for k in (0, 1)]
