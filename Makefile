@@ -18,10 +18,18 @@ $(VENV)/.dev: $(VENV)/.serve pyproject.toml clients/python/pyproject.toml
 	$(PIP) -e ".[serve,cpu,train,dev]" -e ./clients/python
 	@touch $@
 
+# The browser tests drive Debian's chromium: Playwright's own browser download is not used.
+CHROMIUM := /usr/bin/chromium
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+
+$(CHROMIUM):
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium
+
 serve: $(VENV)/.serve
 	$(PY) -m service
 
-test: $(VENV)/.dev
+test: $(VENV)/.dev $(CHROMIUM)
 	$(PY) -m ruff check .
 	$(PY) -m pytest
 

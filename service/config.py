@@ -35,7 +35,9 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(
         0, ge=0, description="Threads for batches of 8+ (smaller use one); 0 splits the cores among a model's workers."
     )
-    api_key: str | None = Field(None, description="When set, every route except /health needs this key.")
+    api_key: str | None = Field(
+        None, description="When set, every route but the probes, the web page and the API docs needs this key."
+    )
     max_request_bytes: int = Field(10 * 2**20, ge=1024, description="Largest accepted request body (413 above).")
     max_items_per_request: int = Field(256, ge=1, description="Most images or series in one request (413 above).")
     max_image_pixels: int = Field(4096 * 4096, ge=1, description="Largest decoded image, width x height (413 above).")

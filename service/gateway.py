@@ -28,15 +28,15 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 class Gateway:
-    """Pure ASGI: `open_paths` need no API key (probes cannot send headers); `routes` name the metrics' labels."""
+    """Pure ASGI: paths `is_open` accepts need no API key; `routes` name the metrics' labels."""
 
     def __init__(
-        self, app: ASGIApp, api_key: str | None, routes: set[str], open_paths: set[str], access_log: bool
+        self, app: ASGIApp, api_key: str | None, routes: set[str], is_open: Callable[[str], bool], access_log: bool
     ) -> None:
         self.app = app
         self.api_key = api_key.encode() if api_key else None
         self.routes = routes
-        self.open_paths = open_paths
+        self.is_open = is_open
         self.access_log = access_log
 
     def endpoint(self, path: str) -> str:
@@ -73,7 +73,7 @@ class Gateway:
 
         path = scope["path"]
         try:
-            if self.api_key and path not in self.open_paths and not self.authorized(headers):
+            if self.api_key and not self.is_open(path) and not self.authorized(headers):
                 response = error_response(
                     401,
                     "unauthorized",

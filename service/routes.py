@@ -9,13 +9,18 @@ from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from service import logs, metrics, schemas
+from service import logs, metrics, schemas, web
 from service.api import ModelAPI
 from service.dataplane import DataPlane
 from service.errors import ApiError
 from service.inputs import read_body
 
-OPEN_PATHS = {"/health", "/ready"}  # probes cannot send headers: no API key needed
+PROBES = frozenset({"/health", "/ready"})  # load balancers and probes cannot send headers
+
+
+def is_open(path: str) -> bool:
+    """Served without an API key even when one is set: the probes, and the web page and API docs."""
+    return path in PROBES or web.is_public(path)
 
 
 def register_operations(app: FastAPI, plane: DataPlane) -> None:

@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
 from models import load, model_names
-from service import routes
+from service import routes, web
 from service.api import ModelAPI, build_api
 from service.config import Settings
 from service.dataplane import DataPlane, Mode, SharedState
@@ -51,9 +51,9 @@ class NNServer(AdaptedServer):
         )
         routes.register_unknown_model(self.app, self.plane)
         install_handlers(self.app)
-        self.app.title = "nnserve"
 
     def register_routes(self) -> None:
+        web.mount(self.app, "nnserve")
         routes.register_operations(self.app, self.plane)
 
     def register_predict_route(self, lit_api: Any) -> None:
@@ -80,7 +80,7 @@ class NNServer(AdaptedServer):
             self.app,
             api_key=self.settings.api_key,
             routes=paths,
-            open_paths=routes.OPEN_PATHS,
+            is_open=routes.is_open,
             access_log=self.settings.access_log,
         )
         if origins := self.settings.cors_list():
