@@ -295,6 +295,11 @@ def test_cli_trains_then_exports_and_records_its_command(tmp_path: Path) -> None
     assert manifest.architecture.startswith("mlp: SimpleANN") and manifest.training.epochs == 1
     with pytest.raises(FileExistsError, match="already exists"):
         main([*train, "--version", "1"])
+    main(train[:-1])  # without --no-export: trained and exported in one command
+    assert models.versions(tmp_path, "digits") == ["1", "2"]
+    assert models.load(tmp_path, "digits", "2").manifest.training.command == "python -m training " + " ".join(
+        train[:-1]
+    )
 
 
 @pytest.fixture(scope="module")
