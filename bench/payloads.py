@@ -19,7 +19,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-from models import ImagePreprocessing, Manifest
+from models import ImagePreprocessing, Manifest, preprocess
 
 # How a request carries its items. Another protocol (say the Open Inference Protocol's JSON tensors) is one
 # more envelope here, built in `build_requests`, and, if it is not HTTP/1.1, one more client kind in loadgen.
@@ -112,15 +112,9 @@ def series_length(manifest: Manifest, wanted: int = 30) -> int:
 
 
 def image_tensor(png: bytes, prep: ImagePreprocessing) -> np.ndarray:
-    """The manifest's preprocessing: convert, resize, scale to [0, 1], normalize, CHW float32."""
-    img = Image.open(io.BytesIO(png)).convert(prep.color_mode)
-    if img.size != (prep.width, prep.height):
-        img = img.resize((prep.width, prep.height), Image.Resampling.BILINEAR)
-    x = np.asarray(img, dtype=np.float32) / 255.0
-    x = x[None] if x.ndim == 2 else x.transpose(2, 0, 1)
-    mean = np.asarray(prep.mean, dtype=np.float32)[:, None, None]
-    std = np.asarray(prep.std, dtype=np.float32)[:, None, None]
-    return (x - mean) / std
+    """The manifest's preprocessing of one encoded image, CHW float32, exactly as serving computes it."""
+    with Image.open(io.BytesIO(png)) as image:
+        return preprocess(image, prep)
 
 
 def series_tensor(values: list[float], manifest: Manifest) -> np.ndarray:

@@ -11,6 +11,7 @@ from models.manifest import (
     TrainingInfo,
     sha256_file,
 )
+from models.preprocessing import normalize, preprocess, to_pixels
 from models.repository import DEFAULT_ROOT, ModelVersion, RepositoryError, load, model_names, next_version, versions
 
 __all__ = [
@@ -28,6 +29,9 @@ __all__ = [
     "load",
     "model_names",
     "next_version",
+    "normalize",
+    "preprocess",
     "sha256_file",
+    "to_pixels",
     "versions",
 ]

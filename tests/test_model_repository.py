@@ -1,7 +1,7 @@
 """The committed models: intact artifacts whose ONNX graphs reach, on the real test data, what their manifests say.
 
-Everything here is recomputed from the raw data with numpy and ONNX Runtime alone, the way a client would,
-so a manifest figure that the artifact does not reproduce fails.
+Everything here is recomputed from the raw data with numpy, ONNX Runtime and `models.preprocessing` alone,
+the way serving computes it, so a manifest figure that the artifact does not reproduce fails.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def session(mv: ModelVersion) -> ort.InferenceSession:
 
 
 def classifier_inputs(mv: ModelVersion) -> tuple[np.ndarray, np.ndarray]:
-    """Stored test images decoded, scaled to [0, 1] and normalized per the manifest: float32 NCHW, labels."""
+    """Stored test images decoded and normalized per the manifest as serving does it: float32 NCHW, labels."""
     if mv.manifest.name == "digits":
         images, labels = mnist_test()
         images = images[:, None]
@@ -37,9 +37,7 @@ def classifier_inputs(mv: ModelVersion) -> tuple[np.ndarray, np.ndarray]:
         images = images.transpose(0, 3, 1, 2)
     prep = mv.manifest.preprocessing
     assert prep is not None
-    mean = np.asarray(prep.mean, np.float32).reshape(1, -1, 1, 1)
-    std = np.asarray(prep.std, np.float32).reshape(1, -1, 1, 1)
-    return (images.astype(np.float32) / np.float32(255.0) - mean) / std, labels
+    return models.normalize(images, prep), labels
 
 
 def forecast_windows(mv: ModelVersion) -> tuple[np.ndarray, np.ndarray]:

@@ -19,6 +19,7 @@ import models
 from models import Manifest
 from tests.data import cifar_test, data_dir, mnist_test
 from training.__main__ import build_parser, config_from_args, main
+from training.checkpoint import KEYS, load_checkpoint, load_model
 from training.config import CifarConfig, DigitsConfig, SequenceConfig
 from training.data import (
     CIFAR10_LABELS,
@@ -27,10 +28,9 @@ from training.data import (
     load_cifar10,
     load_mnist,
     load_weather,
-    to_input,
 )
-from training.export import ExportError, export_version, load_checkpoint, normalize, rebuild
-from training.nets import DigitsCNN, Forecaster, ResNet, SimpleANN, SimpleCNN
+from training.export import ExportError, export_version
+from training.nets import DigitsCNN, Forecaster, ResNet, SimpleANN, SimpleCNN, build_model, model_spec
 from training.train import run
 
 # ------------------------------------------------------------------------------------------------------ data
@@ -126,13 +126,6 @@ def test_weather_series_is_four_consecutive_years() -> None:
     assert series.dates[0].isoformat() == "2012-01-01" and series.dates[-1].isoformat() == "2015-12-31"
 
 
-def test_serving_and_training_normalize_identically(mnist) -> None:
-    _, test = mnist
-    images = test.images[:64]
-    for mean, std in (((0.5,), (0.5,)), ((0.1307,), (0.3081,))):
-        assert np.array_equal(to_input(images, mean, std).numpy(), normalize(images.numpy(), mean, std))
-
-
 def test_augment_translates_and_flips_whole_images() -> None:
     torch.manual_seed(0)
     images = torch.from_numpy(cifar_test()[0][:16]).permute(0, 3, 1, 2).contiguous()
@@ -197,6 +190,35 @@ def test_rnn_export_twin_computes_the_same_function() -> None:
     x = torch.randn(4, 50) * 5 + 10
     with torch.no_grad():
         assert torch.allclose(model(x), twin(x), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("cfg", "cls", "args"),
+    [
+        (DigitsConfig.recipe("mlp"), "SimpleANN", {}),
+        (DigitsConfig.recipe("cnn"), "DigitsCNN", {"dropout": 0.25}),
+        (CifarConfig.recipe("cnn"), "SimpleCNN", {}),
+        (CifarConfig.recipe("resnet"), "ResNet", {"depth": 20, "width": 32, "num_classes": 10}),
+        (
+            SequenceConfig(cell="lstm", layers=2),
+            "Forecaster",
+            {"cell": "lstm", "hidden": 64, "layers": 2, "horizon": 7, "dropout": 0.0},
+        ),
+    ],
+)
+def test_a_model_spec_rebuilds_the_network_a_config_trains(cfg, cls: str, args: dict) -> None:
+    spec = model_spec(cfg)
+    assert (spec.cls, spec.args) == (cls, args)  # every constructor argument, defaults included
+    torch.manual_seed(0)
+    trained = build_model(cfg)
+    rebuilt = spec.build()
+    assert type(rebuilt).__name__ == cls
+    rebuilt.load_state_dict(trained.state_dict())  # strict: same layers, same shapes
+
+
+def test_a_forecaster_spec_needs_one_cell() -> None:
+    with pytest.raises(ValueError, match="one cell"):
+        model_spec(SequenceConfig(cell="all"))
 
 
 # ---------------------------------------------------------------------------------------------- the manifest
@@ -273,6 +295,11 @@ def test_cli_trains_then_exports_and_records_its_command(tmp_path: Path) -> None
     assert manifest.architecture.startswith("mlp: SimpleANN") and manifest.training.epochs == 1
     with pytest.raises(FileExistsError, match="already exists"):
         main([*train, "--version", "1"])
+    main(train[:-1])  # without --no-export: trained and exported in one command
+    assert models.versions(tmp_path, "digits") == ["1", "2"]
+    assert models.load(tmp_path, "digits", "2").manifest.training.command == "python -m training " + " ".join(
+        train[:-1]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -280,7 +307,7 @@ def trained_digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The strong digits recipe, cut to 3,000 real training images and 2 epochs, stopped before export."""
     out = tmp_path_factory.mktemp("repo")
     cfg = DigitsConfig.recipe(
-        "cnn", epochs=2, max_train_items=3_000, baseline=False, device="cpu", out=out, data_dir=data_dir(), export=False
+        "cnn", epochs=2, max_train_items=3_000, baseline=False, device="cpu", out=out, data_dir=data_dir()
     )
     return run(cfg, command="python -m training digits --epochs 2 --max-train-items 3000 --no-baseline --no-export")
 
@@ -289,6 +316,7 @@ def test_short_run_learns_then_exports_and_round_trips(trained_digits: Path) -> 
     root = trained_digits.parents[1]
     assert models.versions(root, "digits") == [] and models.next_version(root, "digits") == "2"
     ckpt = load_checkpoint(trained_digits)
+    assert set(ckpt) == KEYS and (ckpt["model_class"], ckpt["model_args"]) == ("DigitsCNN", {"dropout": 0.25})
     losses = ckpt["curves"]["loss"]["train"]
     assert losses[-1] < losses[0] and ckpt["curves"]["accuracy"]["test"][-1] > 0.9
 
@@ -301,9 +329,9 @@ def test_short_run_learns_then_exports_and_round_trips(trained_digits: Path) -> 
     assert (trained_digits / "curves.png").stat().st_size > 0 and (trained_digits / "confusion.png").stat().st_size > 0
 
     images, _ = mnist_test()
-    x = normalize(images[:32, None], manifest.preprocessing.mean, manifest.preprocessing.std)  # type: ignore[union-attr]
+    x = models.normalize(images[:32, None], manifest.preprocessing)  # type: ignore[arg-type]
     with torch.no_grad():
-        eager = rebuild(ckpt)(torch.from_numpy(x)).numpy()
+        eager = load_model(ckpt)(torch.from_numpy(x)).numpy()
     session = ort.InferenceSession(str(mv.artifact_path("onnx")), providers=["CPUExecutionProvider"])
     assert np.abs(session.run(["output"], {"input": x})[0] - eager).max() <= 1e-4
 
@@ -331,6 +359,8 @@ def test_forecaster_exports_with_dynamic_batch_and_time(tmp_path: Path) -> None:
         data_dir=data_dir(),
     )
     path = run(cfg, command="python -m training sequence --cell rnn")
+    assert models.versions(tmp_path, "sequence") == []  # a run trains; export makes the version
+    export_version(path, data_dir())
     mv = models.load(tmp_path, "sequence")
     mv.verify()
     assert mv.manifest.series == models.SeriesSpec(
@@ -338,7 +368,7 @@ def test_forecaster_exports_with_dynamic_batch_and_time(tmp_path: Path) -> None:
     )
     assert mv.manifest.input.shape == ["batch", "time"] and mv.manifest.output.shape == ["batch", 7]
     assert {m.name for m in mv.manifest.metrics} >= {"rmse_7d_avg", "rmse_1d", "rmse_7d_avg_rnn"}
-    model = rebuild(load_checkpoint(path))
+    model = load_model(load_checkpoint(path))
     session = ort.InferenceSession(str(mv.artifact_path("onnx")), providers=["CPUExecutionProvider"])
     values = load_weather(data_dir()).values
     for length, batch in ((14, 1), (37, 5), (60, 9)):
@@ -346,3 +376,19 @@ def test_forecaster_exports_with_dynamic_batch_and_time(tmp_path: Path) -> None:
         with torch.no_grad():
             eager = model(torch.from_numpy(x)).numpy()
         assert np.abs(session.run(["output"], {"input": x})[0] - eager).max() <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["digits", "cifar", "sequence"])
+def test_committed_checkpoints_export_to_their_manifests(name: str, tmp_path: Path) -> None:
+    """The bundled checkpoints hold the network's constructor arguments and re-export to the same figures."""
+    committed = models.load(models.DEFAULT_ROOT, name, "1")
+    ckpt = load_checkpoint(committed.path)
+    assert set(ckpt) == KEYS and ckpt["model_class"] in {"DigitsCNN", "ResNet", "Forecaster"}
+    copy = tmp_path / name / "1"
+    copy.mkdir(parents=True)
+    shutil.copy(committed.path / "checkpoint.pt", copy)
+    manifest = export_version(copy, data_dir())
+    same = ("architecture", "description", "input", "output", "preprocessing", "series", "labels", "training")
+    assert {k: getattr(manifest, k) for k in same} == {k: getattr(committed.manifest, k) for k in same}
+    for metric in committed.manifest.metrics:
+        assert manifest.metric(metric.name).value == pytest.approx(metric.value, abs=1e-3), metric.name

@@ -73,7 +73,6 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         version=args.version,
         device=args.device,
         seed=args.seed,
-        export=args.export,
     )
     if args.epochs is not None:
         common["epochs"] = args.epochs
@@ -86,14 +85,18 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    if args.task == "export":
-        from training.export import export_version
+    # Imported here: `--help` and argument errors answer without loading torch (about 2 s).
+    from training.export import export_version
 
+    if args.task == "export":
         export_version(args.version_dir, args.data_dir)
         return
     from training.train import run
 
-    run(config_from_args(args), command=shlex.join(["python", "-m", "training", *argv]))
+    cfg = config_from_args(args)
+    path = run(cfg, command=shlex.join(["python", "-m", "training", *argv]))
+    if args.export:
+        export_version(path, cfg.data_dir)
 
 
 if __name__ == "__main__":

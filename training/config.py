@@ -6,7 +6,7 @@ and the manifest repeats them, so any model in the repository says how to train 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Literal
 
@@ -27,7 +27,6 @@ class RunConfig:
     version: str | None = None
     device: Device = "auto"
     seed: int = 0
-    export: bool = True
 
 
 @dataclass(frozen=True)
@@ -186,3 +185,30 @@ class SequenceConfig(RunConfig):
     @property
     def cells(self) -> tuple[Cell, ...]:
         return CELLS if self.cell == "all" else (self.cell,)
+
+
+CONFIGS: dict[str, type[RunConfig]] = {"digits": DigitsConfig, "cifar": CifarConfig, "sequence": SequenceConfig}
+# Fields that say where a run's output goes, not how the model was trained: kept out of the manifest.
+_OUTPUT_FIELDS = {"out", "version"}
+
+
+def config_dict(cfg: RunConfig) -> dict[str, object]:
+    """The config as JSON-ready values, without the output location."""
+    out: dict[str, object] = {}
+    for key, value in asdict(cfg).items():
+        if key in _OUTPUT_FIELDS:
+            continue
+        out[key] = str(value) if isinstance(value, Path) else list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def config_from_dict(task: str, values: dict[str, object]) -> RunConfig:
+    """Rebuild a task's config from `config_dict`'s output, e.g. out of a checkpoint."""
+    cls = CONFIGS[task]
+    kwargs: dict[str, object] = {}
+    for f in fields(cls):
+        if f.init and f.name in values:
+            value = values[f.name]
+            kwargs[f.name] = tuple(value) if isinstance(value, list) else value
+    kwargs["data_dir"] = Path(str(kwargs.get("data_dir", ".")))
+    return cls(**kwargs)  # type: ignore[arg-type]

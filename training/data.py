@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from training.config import ClassifierConfig, SequenceConfig
+
 MNIST_LABELS = tuple(str(d) for d in range(10))
 # CIFAR-10's own class order: torchvision's CIFAR10 and the image-folder subset both map to it.
 CIFAR10_LABELS = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -137,8 +139,31 @@ def read_image_folder(root: Path, classes: tuple[str, ...], mode: str) -> ImageS
     return ImageSet(stacked.contiguous(), torch.tensor(labels, dtype=torch.long))
 
 
+def load_images(cfg: ClassifierConfig) -> tuple[ImageSet, ImageSet, str]:
+    """Train and test sets for a classifier config, and the data set's name as the manifest records it."""
+    if cfg.name == "digits":
+        train, test = load_mnist(cfg.data_dir)
+        name, full = "MNIST", True
+    else:
+        train, test, name = load_cifar10(cfg.data_dir)
+        full = name == "CIFAR-10"
+    total = len(train)
+    train = train.head(cfg.max_train_items)
+    if len(train) < total:
+        return train, test, f"{name} (first {len(train):,} of {total:,} train / {len(test):,} test)"
+    return train, test, f"{name} ({'full, ' if full else ''}{len(train):,} train / {len(test):,} test)"
+
+
+def class_labels(task: str) -> list[str]:
+    return list(MNIST_LABELS if task == "digits" else CIFAR10_LABELS)
+
+
 def to_input(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """uint8 pixels to the network's input, exactly as serving does it: /255, then (x - mean) / std."""
+    """uint8 pixels to the network's input: /255, then (x - mean) / std, on the training device.
+
+    Serving (`models.preprocessing.normalize`) folds the same arithmetic into one multiply-add; the two
+    differ by float32 rounding only (tests hold them within 1e-6 on the real test images).
+    """
     x = images.float() / 255.0
     m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
@@ -210,3 +235,31 @@ def windows(values: np.ndarray, origins: np.ndarray, history: int, horizon: int)
     if hist.min() < 0 or future.max() >= len(values):
         raise ValueError("a window reaches outside the series")
     return values[hist], values[future]
+
+
+@dataclass(frozen=True)
+class SeriesSplits:
+    """Where validation and test targets start in the series; training targets lie before `val_start`."""
+
+    series: DailySeries
+    val_start: int
+    test_start: int
+    test_end: int
+
+
+def split_series(series: DailySeries, cfg: SequenceConfig) -> SeriesSplits:
+    first = series.index_of(date(cfg.train_years[0], 1, 1))
+    if first != 0:
+        series = DailySeries(series.dates[first:], series.values[first:], series.description)
+    test_start = series.index_of(date(cfg.test_year, 1, 1))
+    test_end = series.index_of(date(cfg.test_year, 12, 31)) + 1
+    if test_start != series.index_of(date(cfg.train_years[1], 12, 31)) + 1:
+        raise DataError(f"the test year {cfg.test_year} must follow the training years {cfg.train_years}")
+    return SeriesSplits(series, test_start - cfg.val_days, test_start, test_end)
+
+
+def held_out(splits: SeriesSplits, cfg: SequenceConfig, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Every window whose `horizon` targets all fall in the split, each with an `eval_history`-day history."""
+    first, end = (splits.val_start, splits.test_start) if split == "val" else (splits.test_start, splits.test_end)
+    origins = np.arange(first - 1, end - cfg.horizon)
+    return windows(splits.series.values, origins, cfg.eval_history, cfg.horizon)

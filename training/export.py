@@ -32,20 +32,13 @@ from models.manifest import (
     TrainingInfo,
     sha256_file,
 )
-from training.config import CifarConfig, ClassifierConfig, SequenceConfig
-from training.data import DataError, load_weather
-from training.nets import Forecaster, build_classifier
-from training.plots import confusion_matrix, plot_confusion
-from training.train import (
-    CHECKPOINT_FILE,
-    class_labels,
-    config_from_dict,
-    forecast_rmse,
-    held_out,
-    load_images,
-    persistence,
-    split_series,
-)
+from models.preprocessing import normalize
+from training.checkpoint import load_checkpoint, load_model
+from training.config import CifarConfig, ClassifierConfig, SequenceConfig, config_from_dict
+from training.data import DataError, class_labels, held_out, load_images, load_weather, split_series
+from training.metrics import confusion_matrix, forecast_rmse, persistence
+from training.nets import Forecaster
+from training.plots import plot_confusion
 
 OPSET = 18
 ONNX_FILE = "model.onnx"
@@ -57,25 +50,6 @@ EVAL_BATCH = 256  # ONNX Runtime batch for the recorded metric; the repository t
 
 class ExportError(RuntimeError):
     """An exported artifact does not compute what the trained network computes."""
-
-
-def load_checkpoint(version_dir: Path) -> dict:
-    path = Path(version_dir) / CHECKPOINT_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: export needs the checkpoint a training run writes there")
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def rebuild(ckpt: dict) -> nn.Module:
-    """The trained network, in evaluation mode on the CPU, from a checkpoint."""
-    cfg = config_from_dict(ckpt["task"], ckpt["config"])
-    if isinstance(cfg, SequenceConfig):
-        model: nn.Module = Forecaster(ckpt["arch"], cfg.hidden, cfg.layers, cfg.horizon, cfg.dropout)
-    else:
-        shape = (cfg.resnet_depth, cfg.resnet_width) if isinstance(cfg, CifarConfig) else ()
-        model = build_classifier(cfg.name, ckpt["arch"], *shape)
-    model.load_state_dict(ckpt["state_dict"])
-    return model.eval()
 
 
 def save_torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> None:
@@ -148,17 +122,10 @@ def check_parity(model: nn.Module, folder: Path, inputs: list[np.ndarray]) -> tu
     return worst_onnx, worst_ts
 
 
-def normalize(images: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
-    """uint8 NCHW to the model input, as serving computes it: /255, then (x - mean) / std, in float32."""
-    m = np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1)
-    s = np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)
-    return (images.astype(np.float32) / np.float32(255.0) - m) / s
-
-
-def onnx_predictions(session: ort.InferenceSession, images: np.ndarray, cfg: ClassifierConfig) -> np.ndarray:
-    """Predicted class of every uint8 image, by ONNX Runtime."""
+def onnx_predictions(session: ort.InferenceSession, images: np.ndarray, prep: ImagePreprocessing) -> np.ndarray:
+    """Predicted class of every uint8 image, by ONNX Runtime, preprocessed as serving does."""
     chunks = [
-        session.run(["output"], {"input": normalize(images[i : i + EVAL_BATCH], cfg.mean, cfg.std)})[0].argmax(1)
+        session.run(["output"], {"input": normalize(images[i : i + EVAL_BATCH], prep)})[0].argmax(1)
         for i in range(0, len(images), EVAL_BATCH)
     ]
     return np.concatenate(chunks)
@@ -185,7 +152,7 @@ def export_version(version_dir: Path, data_dir: Path) -> Manifest:
         raise FileExistsError(f"{version_dir / MANIFEST_FILE} exists: this version was exported already")
     ckpt = load_checkpoint(version_dir)
     cfg = config_from_dict(ckpt["task"], {**ckpt["config"], "data_dir": str(data_dir)})
-    model = rebuild(ckpt)
+    model = load_model(ckpt)
     scratch = version_dir / ".export"
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir()
@@ -247,14 +214,22 @@ def _export_classifier(model: nn.Module, cfg: ClassifierConfig, ckpt: dict, scra
     if dataset.split(" (")[0] != ckpt["dataset"].split(" (")[0]:
         raise DataError(f"{cfg.data_dir} holds {dataset}, but the model was trained on {ckpt['dataset']}")
     images, labels = test.images.numpy(), test.labels.numpy()
-    example = torch.from_numpy(normalize(images[:8], cfg.mean, cfg.std))
+    channels, height, width = images.shape[1:]
+    prep = ImagePreprocessing(
+        color_mode="L" if channels == 1 else "RGB",
+        height=int(height),
+        width=int(width),
+        mean=list(cfg.mean),
+        std=list(cfg.std),
+    )
+    example = torch.from_numpy(normalize(images[:8], prep))
     save_torchscript(model, example, scratch / TORCHSCRIPT_FILE)
     opset = save_onnx(model, example, scratch / ONNX_FILE, {0: torch.export.Dim("batch")})
-    parity_inputs = [normalize(images[a:b], cfg.mean, cfg.std) for a, b in ((0, 1), (100, 107), (500, 564))]
+    parity_inputs = [normalize(images[a:b], prep) for a, b in ((0, 1), (100, 107), (500, 564))]
     worst_onnx, worst_ts = check_parity(model, scratch, parity_inputs)
     print(f"parity: max |ONNX - eager| {worst_onnx:.2e}, max |TorchScript - eager| {worst_ts:.2e}", flush=True)
 
-    predictions = onnx_predictions(ort_session(scratch / ONNX_FILE), images, cfg)
+    predictions = onnx_predictions(ort_session(scratch / ONNX_FILE), images, prep)
     acc = float((predictions == labels).mean())
     names = class_labels(cfg.name)
     plot_confusion(
@@ -263,7 +238,6 @@ def _export_classifier(model: nn.Module, cfg: ClassifierConfig, ckpt: dict, scra
         scratch / CONFUSION_FILE,
         f"{cfg.name} v{scratch.parent.name} ({ckpt['arch']}): ONNX accuracy {acc:.2%} on {len(labels):,} test images",
     )
-    channels, height, width = images.shape[1:]
     arch = f"{ckpt['arch']}: {type(model).__name__}"
     if isinstance(cfg, CifarConfig) and ckpt["arch"] == "resnet":
         arch = f"{ckpt['arch']}: ResNet-{cfg.resnet_depth} (width {cfg.resnet_width})"
@@ -284,13 +258,7 @@ def _export_classifier(model: nn.Module, cfg: ClassifierConfig, ckpt: dict, scra
             layout="NC",
             meaning="logits, one per label; softmax gives class probabilities",
         ),
-        preprocessing=ImagePreprocessing(
-            color_mode="L" if channels == 1 else "RGB",
-            height=int(height),
-            width=int(width),
-            mean=list(cfg.mean),
-            std=list(cfg.std),
-        ),
+        preprocessing=prep,
         labels=names,
         metrics=[
             Metric(

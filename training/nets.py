@@ -1,15 +1,21 @@
 """The networks. Image models take normalized NCHW float32 and return logits [batch, 10].
 
 `SimpleANN` and `SimpleCNN` are the original scripts' networks, kept layer for layer as the baselines;
-`DigitsCNN`, `ResNet` and `Forecaster` are the ones the repository serves.
+`DigitsCNN`, `ResNet` and `Forecaster` are the ones the repository serves. `build_model` makes the network
+a config asks for; its `ModelSpec` (class and constructor arguments) goes into the checkpoint, so the
+network can be rebuilt from the checkpoint alone.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from training.config import CifarConfig, ClassifierConfig, RunConfig, SequenceConfig
 
 
 class SimpleANN(nn.Module):
@@ -217,14 +223,53 @@ class Forecaster(nn.Module):
         return twin.train(self.training)
 
 
-def build_classifier(task: str, arch: str, resnet_depth: int = 20, resnet_width: int = 16) -> nn.Module:
-    """The network for a task's `--arch`."""
-    if (task, arch) == ("digits", "mlp"):
-        return SimpleANN()
-    if (task, arch) == ("digits", "cnn"):
-        return DigitsCNN()
-    if (task, arch) == ("cifar", "cnn"):
-        return SimpleCNN()
-    if (task, arch) == ("cifar", "resnet"):
-        return ResNet(depth=resnet_depth, width=resnet_width)
-    raise ValueError(f"no architecture {arch!r} for task {task!r}")
+NETWORKS: dict[str, type[nn.Module]] = {
+    cls.__name__: cls for cls in (SimpleANN, SimpleCNN, DigitsCNN, ResNet, Forecaster)
+}
+_CLASSIFIERS: dict[tuple[str, str], type[nn.Module]] = {
+    ("digits", "mlp"): SimpleANN,
+    ("digits", "cnn"): DigitsCNN,
+    ("cifar", "cnn"): SimpleCNN,
+    ("cifar", "resnet"): ResNet,
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A network's class name and all its constructor arguments, defaults included: everything but the weights."""
+
+    cls: str
+    args: dict[str, object]
+
+    def build(self) -> nn.Module:
+        if self.cls not in NETWORKS:
+            raise ValueError(f"unknown network {self.cls!r}; known: {', '.join(NETWORKS)}")
+        return NETWORKS[self.cls](**self.args)
+
+
+def model_spec(cfg: RunConfig) -> ModelSpec:
+    """The network a config trains: the classifier for its task and `arch`, or the forecaster for its `cell`."""
+    if isinstance(cfg, SequenceConfig):
+        if cfg.cell == "all":
+            raise ValueError("a forecaster config names one cell; `all` trains one network per cell")
+        cls: type[nn.Module] = Forecaster
+        args: dict[str, object] = dict(
+            cell=cfg.cell, hidden=cfg.hidden, layers=cfg.layers, horizon=cfg.horizon, dropout=cfg.dropout
+        )
+    elif isinstance(cfg, ClassifierConfig):
+        if (cfg.name, cfg.arch) not in _CLASSIFIERS:
+            raise ValueError(f"no architecture {cfg.arch!r} for task {cfg.name!r}")
+        cls = _CLASSIFIERS[cfg.name, cfg.arch]
+        resnet = cls is ResNet and isinstance(cfg, CifarConfig)
+        args = dict(depth=cfg.resnet_depth, width=cfg.resnet_width) if resnet else {}  # type: ignore[attr-defined]
+    else:
+        raise TypeError(f"no network for {type(cfg).__name__}")
+    # Defaults are recorded too: a checkpoint must not change meaning when a default changes later.
+    bound = inspect.signature(cls).bind(**args)
+    bound.apply_defaults()
+    return ModelSpec(cls.__name__, dict(bound.arguments))
+
+
+def build_model(cfg: RunConfig) -> nn.Module:
+    """The untrained network for `cfg`, initialized from torch's current random state."""
+    return model_spec(cfg).build()

@@ -31,13 +31,6 @@ def plot_curves(curves: Curves, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, n_classes: int) -> np.ndarray:
-    """Counts [true class, predicted class]."""
-    matrix = np.zeros((n_classes, n_classes), dtype=np.int64)
-    np.add.at(matrix, (labels, predictions), 1)
-    return matrix
-
-
 def plot_confusion(matrix: np.ndarray, class_names: list[str], path: Path, title: str) -> None:
     """Counts in each cell, colour by the share of the true class, so rare and common classes read alike."""
     share = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)

@@ -1,7 +1,7 @@
-"""Training loops, and a run: load data, train, save a checkpoint and curves, then export.
+"""Training loops, and a run: load data, train, save a checkpoint and curves.
 
-A run writes `<out>/<name>/<version>/checkpoint.pt` (state_dict, config, curves, figures of the run) and
-`curves.png`; `training.export` turns that folder into a servable version (artifacts + manifest).
+A run writes `<out>/<name>/<version>/checkpoint.pt` (see `training.checkpoint`) and `curves.png`;
+`training.export` then turns that folder into a servable version (artifacts + manifest).
 """
 
 from __future__ import annotations
@@ -10,8 +10,7 @@ import math
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
-from datetime import date
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,28 +19,24 @@ from torch import nn
 from tqdm import tqdm
 
 from models.repository import next_version
-from training.config import CifarConfig, ClassifierConfig, DigitsConfig, RunConfig, SequenceConfig
+from training.checkpoint import save_checkpoint
+from training.config import ClassifierConfig, RunConfig, SequenceConfig, config_dict
 from training.data import (
-    CIFAR10_LABELS,
-    MNIST_LABELS,
-    DailySeries,
     DataError,
     ImageSet,
+    SeriesSplits,
     augment,
-    load_cifar10,
-    load_mnist,
+    held_out,
+    load_images,
     load_weather,
+    split_series,
     to_input,
-    windows,
 )
-from training.nets import Forecaster, build_classifier
+from training.metrics import forecast_rmse, persistence
+from training.nets import ModelSpec, build_model, model_spec
 from training.plots import Curves, plot_curves
 
-CHECKPOINT_FILE = "checkpoint.pt"
 CURVES_FILE = "curves.png"
-CONFIGS: dict[str, type[RunConfig]] = {"digits": DigitsConfig, "cifar": CifarConfig, "sequence": SequenceConfig}
-# Fields that say where a run's output goes, not how the model was trained: kept out of the manifest.
-_OUTPUT_FIELDS = {"out", "version", "export"}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -66,57 +61,17 @@ def seed_everything(seed: int) -> None:
     torch.backends.cudnn.benchmark = False
 
 
-def config_dict(cfg: RunConfig) -> dict[str, object]:
-    """The config as JSON-ready values, without the output location."""
-    out: dict[str, object] = {}
-    for key, value in asdict(cfg).items():
-        if key in _OUTPUT_FIELDS:
-            continue
-        out[key] = str(value) if isinstance(value, Path) else list(value) if isinstance(value, tuple) else value
-    return out
-
-
-def config_from_dict(task: str, values: dict[str, object]) -> RunConfig:
-    """Rebuild a task's config from `config_dict`'s output, e.g. out of a checkpoint."""
-    cls = CONFIGS[task]
-    kwargs: dict[str, object] = {}
-    for f in fields(cls):
-        if f.init and f.name in values:
-            value = values[f.name]
-            kwargs[f.name] = tuple(value) if isinstance(value, list) else value
-    kwargs["data_dir"] = Path(str(kwargs.get("data_dir", ".")))
-    return cls(**kwargs)  # type: ignore[arg-type]
-
-
 # ---------------------------------------------------------------------------------------------- classifiers
 
 
 @dataclass
 class Fit:
-    """A trained network and its per-epoch curves."""
+    """A trained network, what it is, and its per-epoch curves."""
 
     model: nn.Module
+    spec: ModelSpec
     curves: Curves
     duration_s: float
-
-
-def load_images(cfg: ClassifierConfig) -> tuple[ImageSet, ImageSet, str]:
-    """Train and test sets for a classifier config, and the data set's name as the manifest records it."""
-    if cfg.name == "digits":
-        train, test = load_mnist(cfg.data_dir)
-        name, full = "MNIST", True
-    else:
-        train, test, name = load_cifar10(cfg.data_dir)
-        full = name == "CIFAR-10"
-    total = len(train)
-    train = train.head(cfg.max_train_items)
-    if len(train) < total:
-        return train, test, f"{name} (first {len(train):,} of {total:,} train / {len(test):,} test)"
-    return train, test, f"{name} ({'full, ' if full else ''}{len(train):,} train / {len(test):,} test)"
-
-
-def class_labels(task: str) -> list[str]:
-    return list(MNIST_LABELS if task == "digits" else CIFAR10_LABELS)
 
 
 @torch.no_grad()
@@ -133,7 +88,7 @@ def accuracy(model: nn.Module, data: ImageSet, cfg: ClassifierConfig) -> float:
 def fit_classifier(cfg: ClassifierConfig, train: ImageSet, test: ImageSet, device: torch.device) -> Fit:
     """Train `cfg.arch` with the config's recipe on `train`, held whole on `device`; report test accuracy per epoch."""
     seed_everything(cfg.seed)
-    model = build_classifier(cfg.name, cfg.arch, *_resnet_shape(cfg)).to(device)
+    model = build_model(cfg).to(device)
     train, test = train.to(device), test.to(device)
     if cfg.optimizer == "sgd":
         optimizer: torch.optim.Optimizer = torch.optim.SGD(
@@ -177,11 +132,7 @@ def fit_classifier(cfg: ClassifierConfig, train: ImageSet, test: ImageSet, devic
             f"({time.perf_counter() - start:.1f}s)",
             flush=True,
         )
-    return Fit(model.eval(), curves, time.perf_counter() - start)
-
-
-def _resnet_shape(cfg: ClassifierConfig) -> tuple[int, int]:
-    return (cfg.resnet_depth, cfg.resnet_width) if isinstance(cfg, CifarConfig) else (20, 16)
+    return Fit(model.eval(), model_spec(cfg), curves, time.perf_counter() - start)
 
 
 def _train_classifier(cfg: ClassifierConfig, device: torch.device) -> dict[str, object]:
@@ -195,6 +146,8 @@ def _train_classifier(cfg: ClassifierConfig, device: torch.device) -> dict[str, 
         baseline = accuracy(fit_classifier(seed_cfg, train, test, device).model, test.to(device), seed_cfg)
     return dict(
         arch=cfg.arch,
+        model_class=fit.spec.cls,
+        model_args=fit.spec.args,
         state_dict=fit.model.state_dict(),
         curves=fit.curves,
         duration_s=fit.duration_s,
@@ -206,45 +159,6 @@ def _train_classifier(cfg: ClassifierConfig, device: torch.device) -> dict[str, 
 
 
 # ----------------------------------------------------------------------------------------------- forecaster
-
-
-@dataclass(frozen=True)
-class SeriesSplits:
-    """Where validation and test targets start in the series; training targets lie before `val_start`."""
-
-    series: DailySeries
-    val_start: int
-    test_start: int
-    test_end: int
-
-
-def split_series(series: DailySeries, cfg: SequenceConfig) -> SeriesSplits:
-    first = series.index_of(date(cfg.train_years[0], 1, 1))
-    if first != 0:
-        series = DailySeries(series.dates[first:], series.values[first:], series.description)
-    test_start = series.index_of(date(cfg.test_year, 1, 1))
-    test_end = series.index_of(date(cfg.test_year, 12, 31)) + 1
-    if test_start != series.index_of(date(cfg.train_years[1], 12, 31)) + 1:
-        raise DataError(f"the test year {cfg.test_year} must follow the training years {cfg.train_years}")
-    return SeriesSplits(series, test_start - cfg.val_days, test_start, test_end)
-
-
-def held_out(splits: SeriesSplits, cfg: SequenceConfig, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Every window whose `horizon` targets all fall in the split, each with an `eval_history`-day history."""
-    first, end = (splits.val_start, splits.test_start) if split == "val" else (splits.test_start, splits.test_end)
-    origins = np.arange(first - 1, end - cfg.horizon)
-    return windows(splits.series.values, origins, cfg.eval_history, cfg.horizon)
-
-
-def forecast_rmse(predictions: np.ndarray, targets: np.ndarray) -> tuple[float, float]:
-    """RMSE over all horizon steps pooled, and at one day ahead."""
-    err = predictions.astype(np.float64) - targets.astype(np.float64)
-    return float(np.sqrt((err**2).mean())), float(np.sqrt((err[:, 0] ** 2).mean()))
-
-
-def persistence(histories: np.ndarray, horizon: int) -> np.ndarray:
-    """The naive forecast to beat: every future day equals the last one seen."""
-    return np.repeat(histories[:, -1:], horizon, axis=1)
 
 
 @torch.no_grad()
@@ -262,7 +176,8 @@ def fit_forecaster(cfg: SequenceConfig, cell: str, splits: SeriesSplits, device:
     """
     seed_everything(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    model = Forecaster(cell, cfg.hidden, cfg.layers, cfg.horizon, cfg.dropout).to(device)
+    one_cell = replace(cfg, cell=cell)
+    model = build_model(one_cell).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * cfg.steps_per_epoch
@@ -297,7 +212,7 @@ def fit_forecaster(cfg: SequenceConfig, cell: str, splits: SeriesSplits, device:
             f"({time.perf_counter() - start:.1f}s)",
             flush=True,
         )
-    return Fit(model.eval(), curves, time.perf_counter() - start)
+    return Fit(model.eval(), model_spec(one_cell), curves, time.perf_counter() - start)
 
 
 def _train_sequence(cfg: SequenceConfig, device: torch.device) -> dict[str, object]:
@@ -338,6 +253,8 @@ def _train_sequence(cfg: SequenceConfig, device: torch.device) -> dict[str, obje
     curves: Curves = {panel: {c: f.curves[panel][c] for c, f in fits.items()} for panel in fits[best].curves}
     return dict(
         arch=best,
+        model_class=fits[best].spec.cls,
+        model_args=fits[best].spec.args,
         state_dict=fits[best].model.state_dict(),
         curves=curves,
         duration_s=sum(f.duration_s for f in fits.values()),
@@ -363,7 +280,7 @@ def version_dir(out: Path, name: str, version: str | None) -> Path:
 
 
 def run(cfg: RunConfig, command: str) -> Path:
-    """Train per `cfg`, save checkpoint and curves into a new version folder, export unless told not to."""
+    """Train per `cfg`, save checkpoint and curves into a new version folder; return that folder."""
     device = resolve_device(cfg.device)
     version_dir(cfg.out, cfg.name, cfg.version)  # fail before training, not after
     if isinstance(cfg, SequenceConfig):
@@ -384,11 +301,7 @@ def run(cfg: RunConfig, command: str) -> Path:
         torch=str(torch.__version__),
         python=sys.version.split()[0],
     )
-    torch.save(result, path / CHECKPOINT_FILE)
+    save_checkpoint(path, result)
     plot_curves(result["curves"], path / CURVES_FILE, f"{task} ({result['arch']}): {result['dataset']}")  # type: ignore[arg-type]
     print(f"checkpoint and curves saved in {path}", flush=True)
-    if cfg.export:
-        from training.export import export_version
-
-        export_version(path, cfg.data_dir)
     return path
