@@ -125,10 +125,10 @@ def refused(call: Callable[[], object], status: int, code: str) -> ApiError:
 
 
 def test_real_images_become_the_models_pixels() -> None:
-    for (blob, _), image in zip(cifar_test_pngs()[:20], range(20), strict=False):
+    for i, (blob, _) in enumerate(cifar_test_pngs()[:20]):
         x, top_k = decode(decoder(), blob)
         assert x.dtype == np.uint8 and x.shape == (1, 3, 32, 32) and top_k == 3
-        np.testing.assert_array_equal(x[0], np.asarray(cifar_image(image)).transpose(2, 0, 1))
+        np.testing.assert_array_equal(x[0], np.asarray(cifar_image(i)).transpose(2, 0, 1))
     digits = [b for b, _ in mnist_test_pngs(8)]
     body, kind = multipart_body(digits)
     x, _ = decode(decoder(DIGITS), body, kind, "top_k=5")
