@@ -17,11 +17,10 @@ import litserve as ls
 import numpy as np
 from starlette.requests import Request
 
-from models import ModelVersion
+from models import ModelVersion, normalize
 from service import logs, metrics, process
 from service.config import Settings
 from service.dataplane import ModelState
-from service.errors import ApiError
 from service.inputs import ImageDecoder, SeriesParser
 from service.litserve_adapter import DrainingLoop
 from service.runtime import Runtime, load_runtime, planned_providers
@@ -158,22 +157,12 @@ class ClassifierAPI(ModelAPI):
         super().__init__(model, settings, device, threads, state)
         spec = self.manifest.preprocessing
         assert spec is not None and self.manifest.labels is not None
-        self.decoder = ImageDecoder(spec, settings.max_image_pixels, settings.max_items_per_request)
+        self.decoder = ImageDecoder(spec, len(self.manifest.labels), settings)
+        self.spec = spec
         self.labels = self.manifest.labels
-        # (x / 255 - mean) / std folded into one multiply-add per channel
-        std = np.asarray(spec.std, dtype=np.float32)[None, :, None, None]
-        self.scale = 1.0 / (255.0 * std)
-        self.shift = -np.asarray(spec.mean, dtype=np.float32)[None, :, None, None] / std
 
     async def parse(self, request: Request, body: bytes) -> dict[str, Any]:
-        x, options = await self.decoder.parse(request, body)
-        top_k = options.get("top_k", request.query_params.get("top_k", 3))
-        try:
-            top_k = int(top_k)
-        except (TypeError, ValueError):
-            top_k = 0
-        if not 1 <= top_k <= len(self.labels):
-            raise ApiError(422, "invalid_parameter", f"top_k must be an integer from 1 to {len(self.labels)}")
+        x, top_k = await self.decoder.parse(request, body)
         return {"x": x, "top_k": top_k}
 
     def check_input(self, shape: list[int | str | None] | None) -> None:
@@ -191,7 +180,7 @@ class ClassifierAPI(ModelAPI):
 
     def model_input(self, x: np.ndarray) -> np.ndarray:
         """uint8 pixels are preprocessed here; float32 tensors arrive preprocessed (the v2 protocol's form)."""
-        return x if x.dtype == np.float32 else x.astype(np.float32) * self.scale + self.shift
+        return x if x.dtype == np.float32 else normalize(x, self.spec)
 
     def predict_batch(self, requests: list[dict[str, Any]]) -> list[Any]:
         inputs = [self.model_input(r["x"]) for r in requests]
@@ -220,10 +209,10 @@ class ForecastAPI(ModelAPI):
     def __init__(self, model: ModelVersion, settings: Settings, device: str, threads: int, state: ModelState) -> None:
         super().__init__(model, settings, device, threads, state)
         assert self.manifest.series is not None
-        self.parser = SeriesParser(self.manifest.series, settings.max_items_per_request)
+        self.parser = SeriesParser(self.manifest.series, settings)
 
     async def parse(self, request: Request, body: bytes) -> dict[str, Any]:
-        items = self.parser.parse(request, body)
+        items = await self.parser.parse(request, body)
         return {"x": [s for s, _ in items], "horizon": [h for _, h in items]}
 
     def warmup_batch(self, n: int) -> np.ndarray:

@@ -41,6 +41,16 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(10 * 2**20, ge=1024, description="Largest accepted request body (413 above).")
     max_items_per_request: int = Field(256, ge=1, description="Most images or series in one request (413 above).")
     max_image_pixels: int = Field(4096 * 4096, ge=1, description="Largest decoded image, width x height (413 above).")
+    # 128 Mpx: 256 photos of 800x600 fit, and so does a 10 MiB body of real JPEG photos (some 0.1 byte per pixel
+    # at the least); only flat, synthetic images pack more pixels into the body limit. 96 flat 4096x4096 PNGs
+    # (1.6 Gpx in 1.6 MB, 12x over) stalled a server for 11.7 s before this bound; a request at the bound costs
+    # at most about 1 s of decoding (RGB PNG, 130 Mpx/s), on a pool thread.
+    max_request_pixels: int = Field(
+        2**27, ge=1, description="Most decoded pixels in one request, all images together (413 above)."
+    )
+    decode_threads: int = Field(
+        2, ge=1, description="Threads per HTTP process that decode images and parse large JSON bodies."
+    )
     max_in_flight: int = Field(
         16384, ge=1, description="Items in flight per model, whole server, before 503 + Retry-After (a memory bound)."
     )

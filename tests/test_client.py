@@ -668,6 +668,9 @@ def test_forecast_errors_are_typed(client: nc.Client) -> None:
     with pytest.raises(nc.UnprocessableError) as info:
         client.forecast(history, horizon=spec["horizon"] + 1)
     assert info.value.code == "invalid_horizon" and str(spec["horizon"]) in info.value.message
+    with pytest.raises(nc.UnprocessableError) as info:
+        client.forecast([*history[:-1], 1e39])  # beyond float32
+    assert info.value.code == "invalid_series"
     if spec["min_history"] > 1:
         with pytest.raises(nc.UnprocessableError, match="invalid_series"):
             client.forecast(history[: spec["min_history"] - 1])
