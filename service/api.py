@@ -158,7 +158,7 @@ class ClassifierAPI(ModelAPI):
         spec = self.manifest.preprocessing
         assert spec is not None and self.manifest.labels is not None
         self.decoder = ImageDecoder(spec, len(self.manifest.labels), settings)
-        self.spec = spec
+        self.preprocessing = spec  # not `spec`: LitAPI keeps its API spec (OpenAI, ...) there
         self.labels = self.manifest.labels
 
     async def parse(self, request: Request, body: bytes) -> dict[str, Any]:
@@ -180,7 +180,7 @@ class ClassifierAPI(ModelAPI):
 
     def model_input(self, x: np.ndarray) -> np.ndarray:
         """uint8 pixels are preprocessed here; float32 tensors arrive preprocessed (the v2 protocol's form)."""
-        return x if x.dtype == np.float32 else normalize(x, self.spec)
+        return x if x.dtype == np.float32 else normalize(x, self.preprocessing)
 
     def predict_batch(self, requests: list[dict[str, Any]]) -> list[Any]:
         inputs = [self.model_input(r["x"]) for r in requests]

@@ -490,13 +490,16 @@ def test_serving_imports_no_torch() -> None:
     assert out.split()[-2:] == ["False", "True"]
 
 
-def test_running_server_maps_no_torch(server: RunningServer) -> None:
-    assert_still_serving(server.url)  # every process has done its work once
-    pids = process_tree(server.process.pid)
-    assert len(pids) >= 6, pids  # main, two HTTP servers, one inference worker per model
-    maps = {pid: Path(f"/proc/{pid}/maps").read_text() for pid in pids}
-    assert not [pid for pid, mapped in maps.items() if "libtorch" in mapped]
-    assert any("libonnxruntime" in mapped for mapped in maps.values())  # what a process loaded is visible here
+@pytest.mark.parametrize("execution", ["inline", "worker"])
+def test_running_server_maps_no_torch(execution: str) -> None:
+    with running_server(NNSERVE_EXECUTION=execution) as srv:
+        assert_still_serving(srv.url)  # every process has done its work once
+        pids = process_tree(srv.process.pid)
+        # main and two HTTP servers; in worker mode one inference worker per model too
+        assert len(pids) >= (3 if execution == "inline" else 6), pids
+        maps = {pid: Path(f"/proc/{pid}/maps").read_text() for pid in pids}
+        assert not [pid for pid, mapped in maps.items() if "libtorch" in mapped]
+        assert any("libonnxruntime" in mapped for mapped in maps.values())  # what a process loaded shows here
 
 
 def test_readme_documents_every_setting() -> None:
