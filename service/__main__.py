@@ -58,6 +58,7 @@ def main() -> None:
 
     from models import RepositoryError
     from service import logs
+    from service.http import uvicorn_options
     from service.runtime import DeviceError
     from service.server import build_server
 
@@ -74,6 +75,7 @@ def main() -> None:
         log_level=settings.log_level,
         generate_client_file=False,
         access_log=False,  # the gateway logs each request with its id
+        **uvicorn_options(settings),  # connection limits, enforced before any request reaches the app
     )
 
 
