@@ -94,10 +94,15 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         max_connections=settings.max_connections,
     )
     return {
-        "http": type("LimitedHttpProtocol", (LimitedHttpProtocol,), {"limits": limits}),
+        "http": protocol_class(limits),
         "timeout_keep_alive": settings.keep_alive_timeout,
         "ws": "none",  # no WebSocket routes: an upgrade request is an ordinary request
     }
+
+
+def protocol_class(limits: Limits) -> type[LimitedHttpProtocol]:
+    """uvicorn builds protocols from a class alone, so the limits travel as a class attribute."""
+    return type("LimitedHttpProtocol", (LimitedHttpProtocol,), {"limits": limits})
 
 
 def missing_uvicorn_internals(protocol: HttpToolsProtocol) -> list[str]:
