@@ -275,6 +275,18 @@ def test_kept_alive_connection_is_reused_and_pipelined(quick: int) -> None:
     assert health.status == 200 and json.loads(health.body) == {"status": "ok"}
 
 
+def test_later_head_on_a_kept_alive_connection_is_timed_from_its_first_byte(quick: int) -> None:
+    with connect(quick) as sock:
+        sock.sendall(request("GET", "/health"))
+        assert read_response(sock).status == 200
+        time.sleep(KEEP_ALIVE / 2)
+        sock.sendall(b"GET /health HTTP/1.1\r\n")  # and never the rest
+        started = time.monotonic()
+        response = read_response(sock, HEAD_TIMEOUT + SLACK)
+        assert time.monotonic() - started >= HEAD_TIMEOUT - EARLY
+        assert response.status == 408 and response.error_code() == "request_timeout"
+
+
 def test_idle_kept_alive_connection_is_closed_at_the_keep_alive_timeout(quick: int) -> None:
     with connect(quick) as sock:
         sock.sendall(request("GET", "/health"))
@@ -414,3 +426,14 @@ def test_uvicorn_internals() -> None:
             "HttpToolsProtocol.on_headers_complete no longer starts the request with HttpToolsProtocol.app, "
             "which service/http.py replaces to refuse a request"
         )
+
+
+def test_body_deadline_shorter_than_the_head_deadline_is_kept() -> None:
+    """The one timer of a connection is moved earlier when a body's stall bound ends before the head deadline."""
+    limits = Limits(header_timeout=60, body_timeout=1, max_header_bytes=16384, max_connections=10)
+    with uvicorn_in_thread(limits) as server, connect(server.config.port) as sock:
+        sock.sendall(request("POST", "/", body=b"12").replace(b"Content-Length: 2", b"Content-Length: 4"))
+        started = time.monotonic()
+        response = read_response(sock, SLACK)
+    assert response.status == 408 and response.error_code() == "request_timeout"
+    assert 1 - EARLY <= time.monotonic() - started < SLACK
