@@ -22,6 +22,9 @@ over the limit: it is read like any other, then answered 503 (JSON, Retry-After,
 still cost a descriptor until their head arrives (at most `header_timeout`), so past twice the limit a newcomer is
 answered 503 at once and closed without being read: descriptors per process stay below 2 x `max_connections`.
 
+Metrics: `nnserve_open_connections`, and `nnserve_connections_cut_total` by reason (`head_timeout`, `body_timeout`,
+`headers_too_large`, `over_limit`, `ceiling`, `made_room`).
+
 uvicorn internals relied on (pinned by tests/test_connections.py::test_uvicorn_internals, which names the missing
 one if uvicorn changes): the `HttpToolsProtocol` constructor signature and its parser callbacks (`on_message_begin`,
 `on_url`, `on_header`, `on_headers_complete`, `on_body`, `on_message_complete`, `on_response_complete`); its
@@ -47,6 +50,8 @@ from weakref import WeakKeyDictionary
 from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
+
+from service import metrics
 
 if TYPE_CHECKING:
     from service.config import Settings
@@ -152,6 +157,7 @@ def over_limit_app(app: ASGIApp) -> ASGIApp:
 
     async def answer(scope: dict[str, Any], receive: Callable, send: Callable) -> None:
         if scope.get("path") != HEALTH_PATH:
+            cut("over_limit")
             await refuse(scope, receive, send)
             return
 
@@ -163,6 +169,10 @@ def over_limit_app(app: ASGIApp) -> ASGIApp:
         await app(scope, receive, send_and_close)
 
     return answer
+
+
+def cut(reason: str) -> None:
+    metrics.CONNECTIONS_CUT.labels(reason).inc()
 
 
 class ConnectionTable:
@@ -178,8 +188,14 @@ class ConnectionTable:
         elif connection in self.open and connection not in self.idle:
             self.idle[connection] = None
 
+    def add(self, connection: LimitedHttpProtocol) -> None:
+        self.open.add(connection)
+        metrics.OPEN_CONNECTIONS.inc()
+
     def remove(self, connection: LimitedHttpProtocol) -> None:
-        self.open.discard(connection)
+        if connection in self.open:
+            self.open.remove(connection)
+            metrics.OPEN_CONNECTIONS.dec()
         self.idle.pop(connection, None)
 
     def close_oldest_idle(self) -> bool:
@@ -188,6 +204,7 @@ class ConnectionTable:
         victim, _ = self.idle.popitem(last=False)
         self.remove(victim)
         victim.transport.close()
+        cut("made_room")
         return True
 
 
@@ -242,11 +259,12 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         if len(table.open) >= limit and not table.close_oldest_idle():
             if len(table.open) >= 2 * limit:
                 _warn("ceiling", "%d connections open, none idle: refusing new ones unread", len(table.open))
+                cut("ceiling")
                 self._answer(503, *_TOO_MANY, _RETRY_AFTER)
                 return
             _warn("limit", "connection limit %d reached, none idle: answering 503 to new connections", limit)
             self._over_limit = True
-        table.open.add(self)
+        table.add(self)
         self._update_idle()
         self._head_deadline = self.loop.time() + self.limits.header_timeout
         self._check_by(self._head_deadline)
@@ -267,6 +285,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             self._head_bytes += len(data)
         super().data_received(data)
         if self._reading_head and self._head_bytes > self.limits.max_header_bytes and not self._answered:
+            cut("headers_too_large")
             self._answer(431, *self._head_too_large())
         self._update_idle()
 
@@ -297,6 +316,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._reading_head = False
         self._head_bytes = 0
         if self._head_size > self.limits.max_header_bytes:
+            cut("headers_too_large")
             self.app = error_app(431, *self._head_too_large())
         elif self._over_limit:
             self.app = over_limit_app(self.app)
@@ -339,7 +359,9 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             self._head_deadline = deadline = now + self.limits.header_timeout
         if now < deadline:
             self._check_by(deadline)
-        elif self.cycle is not None and not self.cycle.response_complete:
+            return
+        cut("head_timeout")
+        if self.cycle is not None and not self.cycle.response_complete:
             self.cycle.keep_alive = False  # a response is still on its way: close after it, dropping the partial head
         elif self._in_message:
             timeout = self.limits.header_timeout
@@ -353,7 +375,9 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             self._body_seen_at = now  # the server is not reading yet: the stall clock restarts when it does
         if now - self._body_seen_at < timeout:
             self._check_by(self._body_seen_at + timeout)
-        elif cycle.response_complete:
+            return
+        cut("body_timeout")
+        if cycle.response_complete:
             self.transport.close()  # answered early; the rest of the body never came
         elif cycle.response_started:
             cycle.keep_alive = False  # close once the response is out

@@ -258,6 +258,31 @@ def test_head_under_the_limit_is_served(quick: int) -> None:
     assert response.status == 200, response.body
 
 
+def metric(port: int, name: str) -> float:
+    with connect(port) as sock:
+        sock.sendall(request("GET", "/metrics", {"X-API-Key": KEY}))
+        text = read_response(sock).body.decode()
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + " ")]
+    return sum(values)
+
+
+def test_cut_connections_and_open_ones_are_counted_in_metrics(quick: int) -> None:
+    cut = 'nnserve_connections_cut_total{reason="headers_too_large"}'
+    before = metric(quick, cut)
+    with connect(quick) as sock:
+        sock.sendall(request("GET", "/health", {"X-Filler": "a" * 20000}))
+        assert read_response(sock).status == 431
+    assert metric(quick, cut) == before + 1
+    baseline = metric(quick, "nnserve_open_connections")
+    with ExitStack() as stack:
+        for _ in range(5):
+            stack.enter_context(connect(quick))
+        deadline = time.monotonic() + SLACK
+        while metric(quick, "nnserve_open_connections") < baseline + 5:
+            assert time.monotonic() < deadline, "the open connections gauge did not count 5 new connections"
+            time.sleep(0.1)
+
+
 # --- keep-alive ---------------------------------------------------------------------------------------------
 
 
