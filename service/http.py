@@ -26,12 +26,12 @@ Metrics: `nnserve_open_connections`, and `nnserve_connections_cut_total` by reas
 `headers_too_large`, `over_limit`, `ceiling`, `made_room`).
 
 uvicorn internals relied on (pinned by tests/test_connections.py::test_uvicorn_internals, which names the missing
-one if uvicorn changes): the `HttpToolsProtocol` constructor signature and its parser callbacks (`on_message_begin`,
-`on_url`, `on_header`, `on_headers_complete`, `on_body`, `on_message_complete`, `on_response_complete`); its
-attributes `app` (read by `on_headers_complete` to start the request), `cycle`, `flow`, `pipeline`, `loop`,
-`transport`, `server_state`; `RequestResponseCycle.response_started`, `.response_complete`, `.keep_alive`,
-`.disconnected`, `.message_event`, `.waiting_for_100_continue`; `FlowControl.read_paused`;
-`ServerState.default_headers`.
+one if uvicorn changes): the `HttpToolsProtocol` constructor signature (config, server_state, app_state, _loop),
+the methods it overrides (the asyncio protocol methods, the parser callbacks and `on_response_complete`, which the
+request cycle calls when a response is out); its attributes `app` (read by `on_headers_complete` to start the
+request), `cycle`, `flow`, `pipeline`, `loop`, `transport`, `server_state`; `RequestResponseCycle.response_started`,
+`.response_complete`, `.keep_alive`, `.disconnected`, `.message_event`, `.waiting_for_100_continue`;
+`FlowControl.read_paused`; `ServerState.default_headers`. All are listed in UVICORN_INTERNALS.
 """
 
 from __future__ import annotations
@@ -64,6 +64,16 @@ ASGIApp = Callable[[dict[str, Any], Callable, Callable], Awaitable[None]]
 HEALTH_PATH = "/health"
 
 UVICORN_INTERNALS = (
+    "HttpToolsProtocol.connection_made",
+    "HttpToolsProtocol.connection_lost",
+    "HttpToolsProtocol.data_received",
+    "HttpToolsProtocol.on_message_begin",
+    "HttpToolsProtocol.on_url",
+    "HttpToolsProtocol.on_header",
+    "HttpToolsProtocol.on_headers_complete",
+    "HttpToolsProtocol.on_body",
+    "HttpToolsProtocol.on_message_complete",
+    "HttpToolsProtocol.on_response_complete",
     "HttpToolsProtocol.app",
     "HttpToolsProtocol.cycle",
     "HttpToolsProtocol.flow",
@@ -110,10 +120,13 @@ def protocol_class(limits: Limits) -> type[LimitedHttpProtocol]:
     return type("LimitedHttpProtocol", (LimitedHttpProtocol,), {"limits": limits})
 
 
-def missing_uvicorn_internals(protocol: HttpToolsProtocol) -> list[str]:
-    """The entries of UVICORN_INTERNALS absent from `protocol`, which must be in the middle of a request."""
+def missing_uvicorn_internals(protocol: LimitedHttpProtocol) -> list[str]:
+    """The entries of UVICORN_INTERNALS that uvicorn no longer provides; `protocol` must be in the middle of a request.
+
+    Methods are looked up on uvicorn's class (this module's overrides would hide a rename), attributes on the
+    objects uvicorn made.
+    """
     owners = {
-        "HttpToolsProtocol": protocol,
         "RequestResponseCycle": getattr(protocol, "cycle", None),
         "FlowControl": getattr(protocol, "flow", None),
         "ServerState": getattr(protocol, "server_state", None),
@@ -121,7 +134,11 @@ def missing_uvicorn_internals(protocol: HttpToolsProtocol) -> list[str]:
     missing = []
     for entry in UVICORN_INTERNALS:
         owner, attribute = entry.split(".")
-        if owners[owner] is None or not hasattr(owners[owner], attribute):
+        if owner == "HttpToolsProtocol":
+            present = hasattr(HttpToolsProtocol, attribute) or attribute in vars(protocol)
+        else:
+            present = owners[owner] is not None and hasattr(owners[owner], attribute)
+        if not present:
             missing.append(entry)
     return missing
 
