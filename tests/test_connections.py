@@ -371,7 +371,7 @@ def test_past_twice_the_limit_newcomers_are_answered_503_unread(tight: int) -> N
         for _ in range(LIMIT):  # over the limit and busy too: a head begun, never finished
             sock = stack.enter_context(connect(tight))
             sock.sendall(b"GET /health HTTP/1.1\r\n")
-        time.sleep(0.5)  # let the server read those partial heads, which makes them busy
+        time.sleep(1.0)  # let the server read those partial heads, which makes them busy (it takes milliseconds)
         with connect(tight) as sock:
             _, answered = closed_after(sock, SLACK)  # sends nothing, is answered anyway
     response = parse(answered)
