@@ -50,6 +50,7 @@ def main() -> None:
 
     from models import RepositoryError
     from service import logs
+    from service.http import uvicorn_options
     from service.runtime import DeviceError
     from service.server import build_server
     from service.supervisor import Supervisor
@@ -59,7 +60,7 @@ def main() -> None:
         server = build_server(settings)
     except (DeviceError, RepositoryError, OSError, ValueError) as e:
         sys.exit(f"nnserve: {e}")
-    sys.exit(Supervisor(server, uvicorn_options={}).run())
+    sys.exit(Supervisor(server, uvicorn_options=uvicorn_options(settings)).run())
 
 
 if __name__ == "__main__":

@@ -61,6 +61,17 @@ class Settings(BaseSettings):
     shutdown_grace: float = Field(
         30.0, ge=0, description="Seconds in-flight requests get to finish after SIGTERM before the server exits."
     )
+    header_timeout: float = Field(
+        10.0, gt=0, description="Seconds a connection has to send a complete request head (408 and close after)."
+    )
+    body_timeout: float = Field(10.0, gt=0, description="Seconds a request body may stop arriving (408 and close).")
+    keep_alive_timeout: float = Field(5.0, gt=0, description="Seconds an idle keep-alive connection stays open.")
+    max_header_bytes: int = Field(
+        16 * 2**10, ge=1024, description="Largest request line and headers together (431 above)."
+    )
+    max_connections: int = Field(
+        1000, ge=1, description="Open connections per HTTP server process; the oldest idle one makes room, else 503."
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity.")
     access_log: bool = Field(True, description="One info line per request, with its request id.")
     cors_origins: str = Field(

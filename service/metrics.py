@@ -34,6 +34,15 @@ OVERLOADED = Counter(
     "nnserve_overload_rejections_total", "Requests refused with 503 because too much was in flight.", ["model"]
 )
 
+OPEN_CONNECTIONS = Gauge(
+    "nnserve_open_connections", "Client connections open in the HTTP servers.", multiprocess_mode="livesum"
+)
+CONNECTIONS_CUT = Counter(
+    "nnserve_connections_cut_total",
+    "Connections the HTTP servers answered with a protocol-level error or closed early, by reason.",
+    ["reason"],
+)
+
 
 def observe_batch(model: str, requests: int, items: int) -> None:
     BATCH_REQUESTS.labels(model).observe(requests)
