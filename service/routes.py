@@ -15,7 +15,12 @@ from service.dataplane import DataPlane
 from service.errors import ApiError
 from service.inputs import read_body
 
-OPEN_PATHS = {"/health", "/ready"}  # probes cannot send headers: no API key needed
+OPEN_PATHS = {
+    "/health",
+    "/ready",
+    "/v2/health/live",
+    "/v2/health/ready",
+}  # probes cannot send headers: no API key needed
 
 
 def register_operations(app: FastAPI, plane: DataPlane) -> None:

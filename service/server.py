@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from models import load, model_names
-from service import routes
+from service import routes, v2
 from service.api import ModelAPI, build_api
 from service.config import Settings
 from service.dataplane import DataPlane, Mode, SharedState
@@ -54,6 +54,7 @@ class NNServer(AdaptedServer):
 
     def register_routes(self) -> None:
         routes.register_operations(self.app, self.plane)
+        v2.register_v2(self.app, self.plane)
 
     def register_predict_route(self, lit_api: Any) -> None:
         routes.register_predict(self.app, self.plane, lit_api)
