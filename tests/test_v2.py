@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import time
 
 import httpx
 import numpy as np
@@ -354,3 +355,42 @@ def test_api_key_on_v2() -> None:
             result = c.infer("digits", [fp32_input(DIGIT, True)], headers={"Authorization": "Bearer s3cret"})
             assert result.as_numpy("output").shape == (1, 10)
             assert c.get_model_metadata("digits", headers={"X-API-Key": "s3cret"})["name"] == "digits"
+
+
+def test_worker_mode_readiness_and_answers(server: RunningServer) -> None:
+    """In worker mode the HTTP servers answer while the workers load: v2 says not ready (503), then answers
+    through the workers exactly as the inline server does."""
+    with running_server(wait=False, NNSERVE_EXECUTION="worker") as srv:
+        seen: list[int] = []
+        refused: list[httpx.Response] = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                ready = httpx.get(f"{srv.url}/v2/health/ready", timeout=2)
+            except httpx.TransportError:
+                time.sleep(0.02)
+                continue
+            seen.append(ready.status_code)
+            if ready.status_code == 200:
+                break
+            assert ready.json() == {"ready": False}
+            if not refused:
+                refused.append(
+                    httpx.post(f"{srv.url}/v2/models/digits/infer", json=fp32_json([1, 1, 28, 28], [0.0] * 784))
+                )
+            time.sleep(0.02)
+        assert seen and seen[-1] == 200 and 503 in seen, seen[:5]
+        assert refused[0].status_code in (200, 503), refused[0].text
+        if refused[0].status_code == 503:  # 200 only when the workers became ready in between
+            assert refused[0].headers["retry-after"] and "not ready" in refused[0].json()["error"]
+        pngs = [png for png, _ in cifar_test_pngs()[:128]]
+        np.testing.assert_allclose(
+            v2_logits_bytes(srv, "cifar", pngs), v2_logits_bytes(server, "cifar", pngs), atol=1e-4
+        )
+        windows = np.stack([weather_2015()[i : i + 30] for i in range(8)])
+        with client(srv) as worker, client(server) as inline:
+            np.testing.assert_allclose(
+                worker.infer("sequence", [fp32_input(windows, True)]).as_numpy("output"),
+                inline.infer("sequence", [fp32_input(windows, True)]).as_numpy("output"),
+                atol=1e-4,
+            )
