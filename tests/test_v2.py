@@ -130,7 +130,9 @@ def test_v2_health_is_open_and_requests_are_labelled(server: RunningServer) -> N
     assert httpx.get(f"{server.url}/v2/models/digits/ready").json() == {"name": "digits", "ready": True}
     with client(server) as c:
         c.get_model_metadata("cifar", "1")
+        c.infer("digits", [fp32_input(DIGIT, True)])
     text = httpx.get(f"{server.url}/metrics").text
+    assert 'endpoint="/v2/models/{name}/infer",status="200"' in text
     assert 'endpoint="/v2/models/{name}/versions/{version}",status="200"' in text
     assert 'endpoint="/v2/models/{name}/ready",status="200"' in text
     assert 'endpoint="/v2/health/ready",status="200"' in text
