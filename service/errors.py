@@ -1,4 +1,7 @@
-"""One error shape for every failure: `{"error": {"code": ..., "message": ...}}` with a 4xx/5xx status."""
+"""One error shape for every failure: `{"error": {"code": ..., "message": ...}}` with a 4xx/5xx status.
+
+Under /v2 the Open Inference Protocol fixes the shape instead: `{"error": "<message>"}`, which its clients read.
+"""
 
 from __future__ import annotations
 
@@ -32,33 +35,43 @@ class ApiError(Exception):
         self.message = message
         self.headers = headers or {}
 
-    def response(self) -> Response:
-        return error_response(self.status, self.code, self.message, self.headers)
+    def response(self, path: str = "") -> Response:
+        return error_response(self.status, self.code, self.message, self.headers, path)
 
 
-def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
-    body = json.dumps({"error": {"code": code, "message": message}}).encode()
-    return Response(body, status_code=status, media_type="application/json", headers=headers)
+def is_v2(path: str) -> bool:
+    return path == "/v2" or path.startswith("/v2/")
+
+
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None, path: str = ""
+) -> Response:
+    """The error body for a request to `path`."""
+    error = message if is_v2(path) else {"code": code, "message": message}
+    return Response(
+        json.dumps({"error": error}).encode(), status_code=status, media_type="application/json", headers=headers
+    )
 
 
 def install_handlers(app: FastAPI) -> None:
     """Route FastAPI's and Starlette's own errors through the same JSON shape."""
 
     @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> Response:
-        return exc.response()
+    async def _api_error(request: Request, exc: ApiError) -> Response:
+        return exc.response(request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> Response:
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
         message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
-        return error_response(exc.status_code, _CODES.get(exc.status_code, "error"), message, exc.headers)
+        code = _CODES.get(exc.status_code, "error")
+        return error_response(exc.status_code, code, message, exc.headers, request.url.path)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError) -> Response:
+    async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        return error_response(422, "invalid_parameter", problems)
+        return error_response(422, "invalid_parameter", problems, path=request.url.path)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
         # Starlette re-raises the exception after this answer; the gateway logs it with the request id.
-        return error_response(500, "internal", "internal server error")
+        return error_response(500, "internal", "internal server error", path=request.url.path)

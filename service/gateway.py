@@ -25,6 +25,7 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_V2_MODEL = re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?(/ready|/config|/infer)?$")
 
 
 class Gateway:
@@ -43,7 +44,12 @@ class Gateway:
         """The metrics label of a path: a known route, or a small fixed set (labels must stay bounded)."""
         if path in self.routes:
             return path
-        return "/v1/models/{name}" if path.startswith("/v1/models/") else "other"
+        if path.startswith("/v1/models/"):
+            return "/v1/models/{name}"
+        v2 = _V2_MODEL.match(path)
+        if v2:
+            return "/v2/models/{name}" + ("/versions/{version}" if v2[1] else "") + (v2[2] or "")
+        return "other"
 
     def authorized(self, headers: dict[bytes, bytes]) -> bool:
         assert self.api_key is not None
@@ -79,6 +85,7 @@ class Gateway:
                     "unauthorized",
                     "a valid API key is required: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
                     {"WWW-Authenticate": "Bearer"},
+                    path,
                 )
                 await response(scope, receive, send_with_id)
             else:
@@ -86,7 +93,7 @@ class Gateway:
         except Exception:
             logger.exception("unhandled error on %s %s", scope["method"], path)
             if not status:  # nothing sent yet: the client still gets an answer
-                await error_response(500, "internal", "internal server error")(scope, receive, send_with_id)
+                await error_response(500, "internal", "internal server error", path=path)(scope, receive, send_with_id)
         finally:
             elapsed = time.perf_counter() - start
             endpoint = self.endpoint(path)

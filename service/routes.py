@@ -15,7 +15,8 @@ from service.dataplane import DataPlane
 from service.errors import ApiError
 from service.inputs import read_body
 
-PROBES = frozenset({"/health", "/ready"})  # load balancers and probes cannot send headers
+# Load balancers and probes cannot send headers.
+PROBES = frozenset({"/health", "/ready", "/v2/health/live", "/v2/health/ready"})
 
 
 def is_open(path: str) -> bool:

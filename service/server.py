@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
 from models import load, model_names
-from service import routes, web
+from service import routes, v2, web
 from service.api import ModelAPI, build_api
 from service.config import Settings
 from service.dataplane import DataPlane, Mode, SharedState
@@ -55,6 +55,7 @@ class NNServer(AdaptedServer):
     def register_routes(self) -> None:
         web.mount(self.app, "nnserve")
         routes.register_operations(self.app, self.plane)
+        v2.register_v2(self.app, self.plane)
 
     def register_predict_route(self, lit_api: Any) -> None:
         routes.register_predict(self.app, self.plane, lit_api)
