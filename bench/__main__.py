@@ -30,6 +30,7 @@ from bench.payloads import (
     mnist_pngs,
     model_inputs,
     series_length,
+    v2_outputs,
     weather_windows,
 )
 from bench.server import Server, free_port
@@ -184,6 +185,9 @@ def _probe(port: int, request: bytes, items: int, timeout: float, constant: bool
         return f"HTTP {status}: {body[:300].decode(errors='replace')}"
     if constant:
         return None
+    if v2 := response.getheader("Inference-Header-Content-Length"):
+        rows = v2_outputs(body, v2)
+        return None if rows == items else f"{rows} output rows for {items} items"
     try:
         predictions = json.loads(body)["predictions"]
     except (ValueError, KeyError, TypeError):

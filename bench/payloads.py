@@ -23,7 +23,9 @@ from models import ImagePreprocessing, Manifest, preprocess
 
 # How a request carries its items. Another protocol (say the Open Inference Protocol's JSON tensors) is one
 # more envelope here, built in `build_requests`, and, if it is not HTTP/1.1, one more client kind in loadgen.
-Envelope = Literal["raw", "multipart", "json-b64", "series"]
+# v2-binary: the Open Inference Protocol's infer request with a BYTES tensor of PNG files in the binary tensor
+# extension, encoded by tritonclient itself (what `tritonclient.http` sends by default).
+Envelope = Literal["raw", "multipart", "json-b64", "series", "v2-binary"]
 BOUNDARY = "nnserve-bench-boundary"
 SERIES_YEAR = "2015"
 
@@ -58,8 +60,11 @@ SHAPES = {
         Shape("x64-multipart", 64, "multipart", MULTI_CONCURRENCY),
         Shape("x64-json", 64, "json-b64", MULTI_CONCURRENCY),
         Shape("series", 1, "series", SINGLE_CONCURRENCY),
+        Shape("v2-x1", 1, "v2-binary", SINGLE_CONCURRENCY[:-1]),
+        Shape("v2-x64", 64, "v2-binary", MULTI_CONCURRENCY),
     )
 }
+V1_SHAPES = tuple(name for name, shape in SHAPES.items() if shape.envelope != "v2-binary")
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -130,10 +135,10 @@ def model_inputs(manifest: Manifest, images: list[bytes], series: list[list[floa
     return np.stack([series_tensor(s, manifest) for s in series])
 
 
-def _http(path: str, port: int, content_type: str, body: bytes) -> bytes:
+def _http(path: str, port: int, content_type: str, body: bytes, extra: str = "") -> bytes:
     head = (
         f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: {content_type}\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
+        f"Content-Length: {len(body)}\r\n{extra}\r\n"
     )
     return head.encode("ascii") + body
 
@@ -163,10 +168,11 @@ def build_requests(
     """Complete HTTP/1.1 requests of one shape, cycling through the payloads; `json_only` sends images as JSON
     with base64 whatever the shape's envelope."""
     path = f"/v1/{model}/predict"
+    if shape.envelope == "v2-binary":
+        return [_v2_infer(model, group, port) for group in _groups(images, shape.items)]
     if shape.envelope == "series":
         return [_http(path, port, "application/json", _json({"series": w})) for w in series]
-    n = shape.items
-    groups = [[images[(i + j) % len(images)] for j in range(n)] for i in range(0, len(images), n)]
+    groups = _groups(images, shape.items)
     envelope = "json-b64" if json_only else shape.envelope
     if envelope == "json-b64":
         return [_http(path, port, "application/json", _b64_instances(g)) for g in groups]
@@ -174,3 +180,27 @@ def build_requests(
         return [_http(path, port, "image/png", g[0]) for g in groups]
     content_type = f"multipart/form-data; boundary={BOUNDARY}"
     return [_http(path, port, content_type, _multipart(g)) for g in groups]
+
+
+def _groups(images: list[bytes], n: int) -> list[list[bytes]]:
+    return [[images[(i + j) % len(images)] for j in range(n)] for i in range(0, len(images), n)]
+
+
+def _v2_infer(model: str, images: list[bytes], port: int) -> bytes:
+    from tritonclient.http import InferenceServerClient, InferInput, InferRequestedOutput
+
+    tensor = InferInput("input", [len(images)], "BYTES")
+    tensor.set_data_from_numpy(np.array(images, dtype=object), binary_data=True)
+    body, json_size = InferenceServerClient.generate_request_body(
+        [tensor], outputs=[InferRequestedOutput("output", binary_data=True)]
+    )
+    extra = f"Inference-Header-Content-Length: {json_size}\r\n" if json_size is not None else ""
+    return _http(f"/v2/models/{model}/infer", port, "application/octet-stream", body, extra)
+
+
+def v2_outputs(body: bytes, header_length: str) -> int:
+    """How many rows the answer to a v2 infer request holds (read with tritonclient's own parser)."""
+    from tritonclient.http import InferenceServerClient
+
+    result = InferenceServerClient.parse_response_body(body, header_length=int(header_length))
+    return len(result.as_numpy("output"))

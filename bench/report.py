@@ -398,7 +398,7 @@ def _panel(top: Any, bottom: Any, result: Result, runs: list[Run], systems: list
         if not mine:
             continue
         xs = [r["concurrency"] for r in mine]
-        top.plot(xs, [r[key] for r in mine], "o-", color=f"C{i}", label=system)
+        top.plot(xs, [r[key] or float("nan") for r in mine], "o-", color=f"C{i}", label=system)
         bottom.plot(xs, [r["latency_ms"]["p99"] or float("nan") for r in mine], "s-", color=f"C{i}", label=system)
     line = _compute(result, runs[0]["model"])
     if line and runs[0]["shape"] != "series":

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.loadgen import HOST
-from bench.payloads import SHAPES
+from bench.payloads import SHAPES, V1_SHAPES
 
 EVERY_SHAPE = tuple(SHAPES)
 SINGLE_AND_SERIES = ("x1", "series")
@@ -20,7 +20,7 @@ class System:
     title: str
     module: str  # run as `python -m module`, or with `workers` as `python -m uvicorn module:create_app --factory`
     ready_path: str = "/ready"
-    shapes: tuple[str, ...] = EVERY_SHAPE  # the request shapes a full run sends it
+    shapes: tuple[str, ...] = V1_SHAPES  # the request shapes a full run sends it (only nnserve speaks v2)
     extra_env: tuple[tuple[str, str], ...] = ()
     nnserve: bool = False  # configured only through NNSERVE_*, like nnserve itself
     routes_models: bool = False  # takes --model: it serves one route per model
@@ -86,7 +86,7 @@ def catalog(api_servers: int) -> dict[str, System]:
         for n in dict.fromkeys((api_servers, 1))
     ]
     systems = [
-        System("nnserve", "nnserve, dynamic batching", "service", nnserve=True),
+        System("nnserve", "nnserve, dynamic batching", "service", shapes=EVERY_SHAPE, nnserve=True),
         *peers,
         System(
             "tutorial",

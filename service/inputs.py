@@ -223,9 +223,9 @@ class ImageDecoder:
                 "application/json",
             )
         top_k = self._top_k(top_k)  # before decoding: a wrong parameter costs nothing
-        return await self._decode(items), top_k
+        return await self.decode(items), top_k
 
-    async def _decode(self, items: list[Item]) -> np.ndarray:
+    async def decode(self, items: list[Item]) -> np.ndarray:
         """Open every item's header, refuse what is over the limits, then decode, off the loop unless small."""
         _check_count(len(items), self.max_items)
         if sum(len(i) if isinstance(i, bytes) else i.nbytes for i in items) > INLINE_BYTES:

@@ -136,7 +136,7 @@ def register_v2(app: FastAPI, plane: DataPlane) -> None:
         try:
             async with asyncio.timeout(settings.request_timeout):  # decoding counts against the timeout too
                 body = await read_body(request, settings.max_request_bytes)
-                parsed, payload = parse(api, body, request.headers.get(HEADER_LENGTH))
+                parsed, payload = await parse(api, body, request.headers.get(HEADER_LENGTH))
                 payload["request_id"] = logs.REQUEST_ID.get()
                 answer = await plane.infer(api.name, payload)
         except TimeoutError:
@@ -149,7 +149,7 @@ def register_v2(app: FastAPI, plane: DataPlane) -> None:
             return Response(content, media_type="application/json")
         return Response(content, media_type="application/octet-stream", headers={HEADER_LENGTH: str(header_length)})
 
-    def parse(api: ModelAPI, body: bytes, header_length: str | None) -> tuple[codec.InferRequest, dict[str, Any]]:
+    async def parse(api: ModelAPI, body: bytes, header_length: str | None) -> tuple[codec.InferRequest, dict[str, Any]]:
         """The protocol request, and the model's payload (the same one /v1 builds, marked v2)."""
         max_items = settings.max_items_per_request
         try:
@@ -161,7 +161,7 @@ def register_v2(app: FastAPI, plane: DataPlane) -> None:
             images = codec.classifier_input(request, api.manifest, max_items)
         except codec.ProtocolError as e:
             raise bad_request(e) from None
-        x = images if isinstance(images, np.ndarray) else api.decoder.decode_many(images)
+        x = images if isinstance(images, np.ndarray) else await api.decoder.decode(images)
         return request, {"x": x, "top_k": 1, "protocol": "v2"}
 
     per_model("", "GET", metadata)
