@@ -764,8 +764,9 @@ def test_api_key(keyed_server, digits, monkeypatch: pytest.MonkeyPatch) -> None:
 
     async def go() -> None:
         async with nc.AsyncClient(keyed_server.url, api_key="wrong") as ac:
+            assert await ac.ready() is True  # probes need no key
             with pytest.raises(nc.AuthenticationError):
-                await ac.ready()
+                await ac.models()
 
     asyncio.run(go())
 
