@@ -27,6 +27,7 @@ from bench.payloads import (
     Shape,
     build_requests,
     cifar_pngs,
+    default_data_dir,
     mnist_pngs,
     model_inputs,
     series_length,
@@ -52,9 +53,6 @@ CUDA_MAX_BATCH_SIZE = 128
 def _csv(kind: type) -> Any:
     return lambda text: [kind(x) for x in text.split(",") if x.strip()]
 
-
-def _default_data_dir() -> Path:
-    return Path(os.environ.get("NNSERVE_DATA_DIR") or REPO.parent / "shared" / "data")
 
 
 def _nnserve_http_servers() -> int:
@@ -103,7 +101,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--tutorial-threads", type=int, default=0, help="torch threads of the tutorial app (0: torch's)")
     p.add_argument(
-        "--data-dir", type=Path, default=_default_data_dir(), help="default: $NNSERVE_DATA_DIR or ../shared/data"
+        "--data-dir", type=Path, default=default_data_dir(), help="default: $NNSERVE_DATA_DIR or ../shared/data"
     )
     p.add_argument("--models-dir", type=Path, default=models.DEFAULT_ROOT)
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")

@@ -12,6 +12,7 @@ import base64
 import csv
 import io
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -65,6 +66,11 @@ SHAPES = {
     )
 }
 V1_SHAPES = tuple(name for name, shape in SHAPES.items() if shape.envelope != "v2-binary")
+
+
+def default_data_dir() -> Path:
+    """$NNSERVE_DATA_DIR, else ../shared/data beside the repository."""
+    return Path(os.environ.get("NNSERVE_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
 
 
 def read_idx(path: Path) -> np.ndarray:

@@ -80,24 +80,16 @@ def stop(process: subprocess.Popen) -> None:
     process.wait(timeout=5)
 
 
-def descendants(pid: int) -> list[int]:
-    """Every live process below `pid`, read from /proc (children of each of its threads)."""
-    found: list[int] = []
-    todo = [pid]
-    while todo:
-        parent = todo.pop()
-        for task in Path(f"/proc/{parent}/task").glob("*"):
-            with suppress(OSError):
-                kids = [int(k) for k in (task / "children").read_text().split()]
-                found += kids
-                todo += kids
-    return found
-
-
-def command_line(pid: int) -> str:
-    with suppress(OSError):
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    return ""
+def group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of a process group: a server started by `running_server` leads its own group,
+    and every process it starts stays in it even when its parent is gone, so this finds leftovers."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                members.append(int(stat.parent.name))
+    return members
 
 
 def process_name(pid: int) -> str:

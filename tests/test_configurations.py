@@ -16,12 +16,13 @@ import numpy as np
 import onnxruntime as ort
 
 import models
+from bench.server import process_tree
 from service.api import ClassifierAPI
 from service.config import Settings
 from service.dataplane import ModelState
 from service.errors import ApiError
 from tests.data import mnist_test, mnist_test_pngs
-from tests.serving import ROOT, RunningServer, descendants, process_name, running_server
+from tests.serving import ROOT, RunningServer, process_name, running_server
 
 PNG = {"Content-Type": "image/png"}
 
@@ -80,7 +81,7 @@ def test_two_workers_per_model_are_ready_together_and_both_used() -> None:
         deadline = time.monotonic() + 120
         workers: list[int] = []
         while time.monotonic() < deadline:
-            workers = [p for p in descendants(srv.process.pid) if process_name(p).startswith("worker-digits")]
+            workers = [p for p in process_tree(srv.process.pid)[1:] if process_name(p).startswith("worker-digits")]
             try:
                 ready = httpx.get(f"{srv.url}/ready", timeout=2).status_code == 200
             except httpx.TransportError:

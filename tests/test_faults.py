@@ -18,14 +18,15 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bench.server import process_tree
 from tests.data import cifar_test_pngs, mnist_test_pngs
-from tests.serving import ROOT, RunningServer, descendants, process_name, running_server
+from tests.serving import ROOT, RunningServer, group_members, process_name, running_server
 
 PNG = {"Content-Type": "image/png"}
 
 
 def _named(srv: RunningServer, prefix: str) -> list[int]:
-    return [pid for pid in descendants(srv.process.pid) if process_name(pid).startswith(prefix)]
+    return [pid for pid in process_tree(srv.process.pid)[1:] if process_name(pid).startswith(prefix)]
 
 
 @contextmanager
@@ -56,6 +57,14 @@ def _load(url: str, model: str, body: bytes, clients: int = 4) -> Iterator[list[
             t.join(70)
 
 
+def _assert_no_leftovers(srv: RunningServer, within: float = 10.0) -> None:
+    """Every process the server started is gone (found by its process group, whoever its parent is now)."""
+    deadline = time.monotonic() + within
+    while (left := group_members(srv.process.pid)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert left == [], f"left running: {[(pid, process_name(pid)) for pid in left]}"
+
+
 def _sample(text: str, name: str) -> float:
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
 
@@ -69,7 +78,7 @@ def test_killed_http_server_is_replaced_and_readiness_follows() -> None:
     digit = mnist_test_pngs(1)[0][0]
     with running_server() as srv:
         http_servers = _named(srv, "nnserve-http-")
-        assert len(http_servers) == 2, [process_name(p) for p in descendants(srv.process.pid)]
+        assert len(http_servers) == 2, [process_name(p) for p in process_tree(srv.process.pid)[1:]]
         with _load(srv.url, "digits", digit) as results:
             time.sleep(1)
             os.kill(http_servers[0], signal.SIGKILL)
@@ -121,7 +130,7 @@ def test_killed_worker_answers_held_requests_at_once_and_the_server_exits_non_ze
         code = srv.process.wait(timeout=30)
         assert code == 1
         assert "worker 0 died" in _last_nnserve_line(srv.output())
-        assert descendants(srv.process.pid) == []
+        _assert_no_leftovers(srv)
 
 
 # --- bad artifacts and settings: a loud start-up failure, never a server that lies ----------------------------
@@ -151,7 +160,7 @@ def _expect_start_failure(srv: RunningServer, needle: str, within: float = 60) -
     assert code != 0
     last = _last_nnserve_line(srv.output())
     assert needle in last, f"last log line: {last}"
-    assert descendants(srv.process.pid) == []
+    _assert_no_leftovers(srv)
 
 
 @pytest.mark.parametrize("execution", ["inline", "worker"])
@@ -223,20 +232,15 @@ def test_sigterm_finishes_in_flight_work_refuses_new_and_exits_zero() -> None:
         assert statuses.count(200) == 32, statuses
         assert srv.process.wait(timeout=30) == 0
         assert time.monotonic() - signalled < 25
-        assert descendants(srv.process.pid) == []
+        _assert_no_leftovers(srv)
 
 
 def test_killed_supervisor_takes_every_process_with_it() -> None:
     with running_server(NNSERVE_EXECUTION="worker", NNSERVE_MODELS="digits") as srv:
-        tree = descendants(srv.process.pid)
         assert len(_named(srv, "nnserve-http-")) == 2 and len(_named(srv, "worker-digits")) == 1
         os.kill(srv.process.pid, signal.SIGKILL)
         srv.process.wait(timeout=5)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in tree):
-            time.sleep(0.1)
-        left = [pid for pid in tree if Path(f"/proc/{pid}").exists() and process_name(pid) != ""]
-        assert left == [], f"left running: {[(pid, process_name(pid)) for pid in left]}"
+        _assert_no_leftovers(srv, within=30)
         with pytest.raises(httpx.TransportError):
             httpx.get(f"{srv.url}/health", timeout=2)
 
