@@ -162,3 +162,18 @@ def test_localhost_is_a_host_and_cors_is_off_unless_configured() -> None:
         assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://example.test"
         assert "x-request-id" in r.headers["access-control-expose-headers"].lower()
         assert r.json()["predictions"][0]["index"] == label
+
+
+def test_auto_device_falls_back_when_the_gpu_cannot_run_a_session(tmp_path: Path) -> None:
+    """A GPU listed by nvidia-smi is not enough: auto tries a real session, warns and serves on the CPU; cuda
+    refuses to start. (Here the GPU is a stand-in nvidia-smi, and this ONNX Runtime has no CUDA provider.)"""
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\necho 'GPU 0: Stand-in GPU (UUID: GPU-0)'\n")
+    fake.chmod(0o755)
+    path = f"{tmp_path}{os.pathsep}{os.environ['PATH']}"
+    with running_server(PATH=path, NNSERVE_MODELS="digits") as srv:
+        assert httpx.get(f"{srv.url}/v1/models/digits").json()["device"] == "cpu"
+        assert "a GPU is present but unusable" in srv.output()
+    with running_server(wait=False, PATH=path, NNSERVE_MODELS="digits", NNSERVE_DEVICE="cuda") as srv:
+        assert srv.process.wait(timeout=60) == 1
+        assert "NNSERVE_DEVICE=cuda but no GPU is usable" in srv.output()
