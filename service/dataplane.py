@@ -66,13 +66,34 @@ class ModelState:
         self.seconds_per_item.value = cost if old == 0.0 else old + EWMA_WEIGHT * (cost - old)
 
 
+class ErrorChannel:
+    """Where a process that fails to start says why, for the supervisor to say last.
+
+    A one-way pipe: it needs no lock (so no resource-tracker process) and no feeder thread, and a message under
+    PIPE_BUF bytes is written in one piece even when several processes fail at once.
+    """
+
+    MAX_CHARS = 1000
+
+    def __init__(self) -> None:
+        self.reader, self.writer = mp.get_context("spawn").Pipe(duplex=False)
+
+    def put(self, line: str) -> None:
+        self.writer.send_bytes(line[: self.MAX_CHARS].encode())
+
+    def drain(self) -> list[str]:
+        lines = []
+        while self.reader.poll():
+            lines.append(self.reader.recv_bytes().decode(errors="replace"))
+        return lines
+
+
 class SharedState:
     def __init__(self, names: list[str], slots: int, http_servers: int) -> None:
         ctx = mp.get_context("spawn")
         self.models = {name: ModelState(slots, http_servers) for name in names}
         self.draining = ctx.Value("b", 0, lock=False)
-        # One line per process that fails to start, for the supervisor to say last (a put needs no feeder thread).
-        self.errors = ctx.SimpleQueue()
+        self.errors = ErrorChannel()
 
 
 @dataclass(frozen=True)

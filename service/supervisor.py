@@ -87,20 +87,16 @@ class Supervisor:
         return all(state.is_ready() for state in self.server.state.models.values())
 
     def _reason(self, default: str) -> str:
-        errors = self.server.state.errors
-        lines = []
-        while not errors.empty():
-            lines.append(errors.get())
-        return "; ".join(lines) or default
+        return "; ".join(self.server.state.errors.drain()) or default
 
     # --- the watch loop ----------------------------------------------------------------------------------
     def run(self) -> int:
         s = self.settings
         self.sock = uvicorn.Config(app=None, host=s.host, port=s.port).bind_socket()
         self._install_signals()
-        self.server.init_queues(s.api_servers)
         try:
             if self.server.mode == "worker":
+                self.server.init_queues(s.api_servers)
                 for api in self.server.litapi_connector:
                     self.workers[api.api_path] = self.server.start_workers(api)
             for server_id in range(s.api_servers):
