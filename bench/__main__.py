@@ -54,7 +54,6 @@ def _csv(kind: type) -> Any:
     return lambda text: [kind(x) for x in text.split(",") if x.strip()]
 
 
-
 def _nnserve_http_servers() -> int:
     """How many HTTP server processes nnserve runs with the caller's NNSERVE_* settings."""
     from service.config import Settings

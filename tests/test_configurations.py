@@ -81,11 +81,12 @@ def test_two_workers_per_model_are_ready_together_and_both_used() -> None:
         deadline = time.monotonic() + 120
         workers: list[int] = []
         while time.monotonic() < deadline:
-            workers = [p for p in process_tree(srv.process.pid)[1:] if process_name(p).startswith("worker-digits")]
             try:
                 ready = httpx.get(f"{srv.url}/ready", timeout=2).status_code == 200
             except httpx.TransportError:
                 ready = False
+            # A worker names itself before it counts as ready, so once ready, both must be there.
+            workers = [p for p in process_tree(srv.process.pid)[1:] if process_name(p).startswith("worker-digits")]
             assert not ready or len(workers) == 2, "ready before both workers were"
             if ready:
                 break

@@ -255,7 +255,7 @@ BAD_V2: dict[str, tuple[str, dict, int, str]] = {
         400,
         "'probs'",
     ),
-    "non-image bytes": ("cifar", {"json": bytes_json_body([b"hello, world"])}, 400, "not an image"),
+    "non-image bytes": ("cifar", {"json": bytes_json_body([b"hello, world"])}, 400, "not a PNG, JPEG, WebP, GIF"),
     "truncated image": ("cifar", {"json": bytes_json_body([cifar_test_pngs()[0][0][:200]])}, 400, "item 0"),
     "binary without its header": (
         "digits",
