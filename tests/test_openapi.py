@@ -3,9 +3,12 @@ compare what it says with what the server does."""
 
 from __future__ import annotations
 
+import base64
 from collections import Counter
 from collections.abc import Iterator
+from importlib.metadata import version
 
+import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, seed, settings
@@ -13,11 +16,22 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis.checks import load_all_checks
 from schemathesis.specs.openapi import checks as openapi_checks
 
+from models import load
+from service.config import Settings
+from service.schemas import IMAGE_TYPES
+from tests.data import mnist_test_pngs
 from tests.serving import RunningServer, running_server
 
 load_all_checks()
 
 API_KEY = "openapi-test-key"
+# Limits other than the defaults, so that the document is seen to take them from the settings.
+LIMITS = {
+    "NNSERVE_MAX_ITEMS_PER_REQUEST": "5",
+    "NNSERVE_MAX_REQUEST_BYTES": "200000",
+    "NNSERVE_MAX_IMAGE_PIXELS": "10000",
+    "NNSERVE_MAX_REQUEST_PIXELS": "40000",
+}
 SEED = 20261125
 EXAMPLES = 8  # per operation and generation mode
 CHECKS = [
@@ -31,7 +45,7 @@ CHECKS = [
 
 @pytest.fixture(scope="module")
 def keyed_server() -> Iterator[RunningServer]:
-    with running_server(NNSERVE_API_KEY=API_KEY) as srv:
+    with running_server(NNSERVE_API_KEY=API_KEY, **LIMITS) as srv:
         yield srv
 
 
@@ -64,3 +78,128 @@ def test_the_server_keeps_to_its_document(keyed_server: RunningServer) -> None:
                 failures.append(f"{operation.label} ({mode}): {e}")
     print("\n".join(f"{label} {status}: {n}" for (label, status), n in sorted(seen.items())))
     assert not failures, "\n\n".join(failures)
+
+
+# --- what the document says, compared with what the server does --------------------------------------------------
+def test_title_and_version_are_the_package_s(server: RunningServer) -> None:
+    info = httpx.get(f"{server.url}/openapi.json").json()["info"]
+    assert info["title"] == "nnserve"
+    assert info["version"] == version("nnserve")
+
+
+def test_the_limits_in_the_document_are_the_settings(keyed_server: RunningServer) -> None:
+    doc = httpx.get(f"{keyed_server.url}/openapi.json").json()
+    settings = Settings(**{k.removeprefix("NNSERVE_").lower(): v for k, v in LIMITS.items()})
+    sequence = load(settings.models_dir, "sequence").manifest
+    assert sequence.series is not None
+    for name in ("digits", "cifar"):
+        operation = doc["paths"][f"/v1/{name}/predict"]["post"]
+        body = operation["requestBody"]
+        assert body["x-limits"] == {
+            "max_request_bytes": settings.max_request_bytes,
+            "max_items_per_request": settings.max_items_per_request,
+            "max_image_pixels": settings.max_image_pixels,
+            "max_request_pixels": settings.max_request_pixels,
+        }
+        assert body["content"]["application/json"]["schema"]["properties"]["instances"]["maxItems"] == 5
+        assert body["content"]["multipart/form-data"]["schema"]["properties"]["files"]["maxItems"] == 5
+        labels = len(load(settings.models_dir, name).manifest.labels or [])
+        (top_k,) = operation["parameters"]
+        assert (top_k["name"], top_k["in"]) == ("top_k", "query")
+        assert top_k["schema"] == {"type": "integer", "minimum": 1, "maximum": labels, "default": 3}
+    body = doc["paths"]["/v1/sequence/predict"]["post"]["requestBody"]
+    one, many = body["content"]["application/json"]["schema"]["oneOf"]
+    assert one["properties"]["series"]["minItems"] == sequence.series.min_history
+    assert one["properties"]["horizon"]["maximum"] == sequence.series.horizon
+    assert many == {"type": "array", "items": one, "minItems": 1, "maxItems": 5}
+    assert body["x-limits"]["max_history"] == sequence.series.max_history
+    # ... and the server holds to them.
+    key = {"X-API-Key": API_KEY}
+    pixels = {"instances": [[[0] * 8] * 8] * 6}
+    answer = httpx.post(f"{keyed_server.url}/v1/digits/predict", json=pixels, headers=key)
+    assert (answer.status_code, answer.json()["error"]["code"]) == (413, "too_many_items")
+    big = {"instances": [[[0] * 101] * 100]}  # 10,100 pixels, over the 10,000 per image
+    answer = httpx.post(f"{keyed_server.url}/v1/digits/predict", json=big, headers=key)
+    assert (answer.status_code, answer.json()["error"]["code"]) == (413, "image_too_large")
+    answer = httpx.post(f"{keyed_server.url}/v1/digits/predict", content=b"0" * 200_001, headers=key)
+    assert (answer.status_code, answer.json()["error"]["code"]) == (413, "payload_too_large")
+    short = {"series": [1.0] * (sequence.series.min_history - 1)}
+    answer = httpx.post(f"{keyed_server.url}/v1/sequence/predict", json=short, headers=key)
+    assert (answer.status_code, answer.json()["error"]["code"]) == (422, "invalid_series")
+
+
+def test_every_documented_content_type_is_accepted_and_others_are_415(server: RunningServer) -> None:
+    doc = httpx.get(f"{server.url}/openapi.json").json()
+    operation = doc["paths"]["/v1/digits/predict"]["post"]
+    content = set(operation["requestBody"]["content"])
+    assert content == {*IMAGE_TYPES, "multipart/form-data", "application/json"}
+    png, label = mnist_test_pngs(1)[0]
+    url = f"{server.url}/v1/digits/predict"
+    for media in IMAGE_TYPES:
+        answer = httpx.post(url, content=png, headers={"Content-Type": media})
+        assert answer.status_code == 200, (media, answer.text)
+        assert answer.json()["predictions"][0]["index"] == label
+    answer = httpx.post(url, files=[("files", ("a.png", png)), ("files", ("b.png", png))])
+    assert answer.status_code == 200 and len(answer.json()["predictions"]) == 2
+    answer = httpx.post(url, params={"top_k": 5}, json={"instances": [{"b64": base64.b64encode(png).decode()}]})
+    assert answer.status_code == 200 and len(answer.json()["predictions"][0]["top_k"]) == 5
+    assert "415" in operation["responses"] and "text/plain" not in content
+    answer = httpx.post(url, content=png, headers={"Content-Type": "text/plain"})
+    assert (answer.status_code, answer.json()["error"]["code"]) == (415, "unsupported_media_type")
+    forecast = doc["paths"]["/v1/sequence/predict"]["post"]
+    assert set(forecast["requestBody"]["content"]) == {"application/json"} and "415" in forecast["responses"]
+    answer = httpx.post(f"{server.url}/v1/sequence/predict", content=b"{}", headers={"Content-Type": "text/csv"})
+    assert answer.status_code == 415
+
+
+def test_the_api_key_is_a_security_scheme_only_when_one_is_set(
+    server: RunningServer, keyed_server: RunningServer
+) -> None:
+    open_doc = httpx.get(f"{server.url}/openapi.json").json()
+    assert "securitySchemes" not in open_doc["components"]
+    assert not any("security" in op or "401" in op["responses"] for op in operations(open_doc))
+    doc = httpx.get(f"{keyed_server.url}/openapi.json").json()
+    schemes = doc["components"]["securitySchemes"]
+    assert schemes["bearer"] == {**schemes["bearer"], "type": "http", "scheme": "bearer"}
+    assert schemes["apiKey"] == {**schemes["apiKey"], "type": "apiKey", "in": "header", "name": "X-API-Key"}
+    probes = {"/health", "/ready", "/v2/health/live", "/v2/health/ready"}
+    for path, item in doc["paths"].items():
+        for method, operation in item.items():
+            url = keyed_server.url + path.replace("{name}", "digits").replace("{version}", "1")
+            answer = httpx.request(method, url)
+            if path in probes:
+                assert "security" not in operation and "401" not in operation["responses"], path
+                assert answer.status_code == 200, path
+            else:
+                assert operation["security"] == [{"bearer": []}, {"apiKey": []}], path
+                assert answer.status_code == 401 and "401" in operation["responses"], path
+    for header in ({"Authorization": f"Bearer {API_KEY}"}, {"X-API-Key": API_KEY}):
+        assert httpx.get(f"{keyed_server.url}/v1/models", headers=header).status_code == 200
+
+
+def test_connection_level_answers_and_metrics_are_documented(server: RunningServer) -> None:
+    doc = httpx.get(f"{server.url}/openapi.json").json()
+    for operation in operations(doc):
+        assert {"408", "431"} <= set(operation["responses"])
+    answer = httpx.get(f"{server.url}/v1/models", headers={"X-Padding": "x" * 20_000})
+    assert (answer.status_code, answer.json()["error"]["code"]) == (431, "headers_too_large")
+    metrics = doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+    assert list(metrics) == ["text/plain"]
+    assert httpx.get(f"{server.url}/metrics").headers["content-type"].startswith("text/plain")
+    ready = doc["paths"]["/ready"]["get"]["responses"]
+    assert ready["200"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Readiness"}
+    assert {"$ref": "#/components/schemas/Readiness"} in ready["503"]["content"]["application/json"]["schema"]["anyOf"]
+
+
+def test_a_non_finite_answer_is_refused_not_sent_as_invalid_json(server: RunningServer) -> None:
+    """Finite values near float32's limit overflow inside the forecaster; JSON cannot carry the NaN it answers."""
+    extreme = [3.0e38, -3.0e38] * 10
+    answer = httpx.post(f"{server.url}/v1/sequence/predict", json={"series": extreme})
+    assert (answer.status_code, answer.json()["error"]["code"]) == (422, "invalid_input")
+    tensor = {"name": "input", "datatype": "FP32", "shape": [1, len(extreme)], "data": extreme}
+    answer = httpx.post(f"{server.url}/v2/models/sequence/infer", json={"inputs": [tensor]})
+    assert answer.status_code == 400 and "not finite" in answer.json()["error"]
+
+
+def operations(doc: dict) -> list[dict]:
+    return [operation for item in doc["paths"].values() for operation in item.values()]
