@@ -220,7 +220,8 @@ def classify_operation(settings: Settings, manifest: Manifest) -> dict[str, Any]
     }
     content: dict[str, Any] = {media: {"schema": _BINARY} for media in IMAGE_TYPES}
     content["multipart/form-data"] = {"schema": multipart}
-    content["application/json"] = {"schema": json_body}
+    # Swagger UI's "Try it out" starts from the example: a 2x2 pixel array, scaled to the model's size.
+    content["application/json"] = {"schema": json_body, "example": {"instances": [[[0, 255], [255, 0]]], "top_k": 3}}
     return {
         "parameters": [
             {
@@ -278,7 +279,12 @@ def forecast_operation(settings: Settings, manifest: Manifest) -> dict[str, Any]
                 f"One series, or a list of at most {limits['max_items_per_request']}; at most "
                 f"{limits['max_request_bytes']} bytes (413 above)."
             ),
-            "content": {"application/json": {"schema": {"oneOf": [series, many]}}},
+            "content": {
+                "application/json": {
+                    "schema": {"oneOf": [series, many]},
+                    "example": {"series": [float(i % 7) for i in range(limits["min_history"])], "horizon": 1},
+                }
+            },
             "x-limits": limits,
         }
     }

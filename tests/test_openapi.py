@@ -80,6 +80,54 @@ def test_the_server_keeps_to_its_document(keyed_server: RunningServer) -> None:
     assert not failures, "\n\n".join(failures)
 
 
+def test_real_requests_of_every_form_keep_to_the_document(keyed_server: RunningServer) -> None:
+    """Valid requests of each body form, which random generation seldom makes, and the document's own examples,
+    through the same checks."""
+    schema = schemathesis.openapi.from_url(f"{keyed_server.url}/openapi.json")
+    png = mnist_test_pngs(1)[0][0]
+    b64 = base64.b64encode(png).decode()
+    digits = {"name": "input", "datatype": "FP32", "shape": [1, 1, 28, 28], "data": [0.0] * 784}
+    week = [10.0 + i % 7 for i in range(30)]
+    cases = [
+        ("/v1/digits/predict", {"body": png, "media_type": "image/png", "query": {"top_k": 2}}),
+        ("/v1/digits/predict", {"body": {"files": [png, png]}, "media_type": "multipart/form-data"}),
+        ("/v1/digits/predict", {"body": {"instances": [{"b64": b64}, [[0] * 28] * 28], "top_k": 10}}),
+        ("/v1/sequence/predict", {"body": [{"series": week}, {"series": week[:14], "horizon": 3}]}),
+        ("/v2/models/{name}/infer", {"path_parameters": {"name": "digits"}, "body": {"inputs": [digits]}}),
+        (
+            "/v2/models/{name}/infer",
+            {
+                "path_parameters": {"name": "digits"},
+                "body": {
+                    "id": "7",
+                    "inputs": [{"name": "input", "datatype": "BYTES", "shape": [1], "data": [b64]}],
+                    "outputs": [{"name": "output", "parameters": {"classification": 3}}],
+                },
+            },
+        ),
+        (
+            "/v2/models/{name}/infer",
+            {
+                "path_parameters": {"name": "sequence"},
+                "body": {
+                    "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 30], "data": week}],
+                    "parameters": {"horizon": 2, "binary_data_output": True},
+                },
+            },
+        ),
+    ]
+    doc = httpx.get(f"{keyed_server.url}/openapi.json").json()
+    for name in ("digits", "cifar", "sequence"):  # the examples "Try it out" starts from
+        path = f"/v1/{name}/predict"
+        cases.append(
+            (path, {"body": doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]["example"]})
+        )
+    for path, fields in cases:
+        case = schema[path]["POST"].Case(**{"media_type": "application/json", **fields})
+        response = case.call_and_validate(headers={"X-API-Key": API_KEY}, checks=CHECKS, timeout=30)
+        assert response.status_code == 200, (path, response.text)
+
+
 # --- what the document says, compared with what the server does --------------------------------------------------
 def test_title_and_version_are_the_package_s(server: RunningServer) -> None:
     info = httpx.get(f"{server.url}/openapi.json").json()["info"]
