@@ -5,8 +5,8 @@
 - the API key, when one is set: a security scheme each way the gateway reads it (`Authorization: Bearer` and
   `X-API-Key`), required by every route but the open ones (`routes.is_open`), which may answer 401;
 - the answers `service/http.py` gives before a request reaches the application: 408 (head or body too slow), 431
-  (head too large) and 503 over the connection limit (every route but /health), in /v1's error shape whatever the
-  path, and without X-Request-ID;
+  (head too large) and 503 over the connection limit (/health too, past twice the limit, when a connection is
+  refused unread), in /v1's error shape whatever the path, and without X-Request-ID;
 - X-Request-ID on every other answer.
 
 FastAPI's own 422 (its validation error shape) is dropped: no route declares a typed parameter that can fail it;
@@ -24,7 +24,6 @@ from fastapi.openapi.utils import get_openapi
 from service import routes, schemas
 from service.config import Settings
 from service.errors import is_v2
-from service.http import HEALTH_PATH
 from service.v2 import server_version
 
 DESCRIPTION = (
@@ -105,8 +104,7 @@ def _complete_operation(path: str, operation: dict[str, Any], api_key: bool) -> 
         responses["401"] = unauthorized
     for status, text in CONNECTION_ERRORS.items():
         responses[str(status)] = _error(text, schemas.ErrorResponse)
-    if path != HEALTH_PATH:
-        _add_over_limit(responses)
+    _add_over_limit(responses)
     operation["responses"] = dict(sorted(responses.items()))
 
 
