@@ -31,6 +31,8 @@ logger = logging.getLogger("nnserve")
 # while activation memory keeps growing with the batch.
 MAX_MODEL_BATCH = 64
 
+NOT_FINITE = "the model's output is not finite for this input: its values are far outside what the model takes"
+
 
 class ModelAPI(ls.LitAPI):
     """What every served model shares: loading, warm-up, readiness and per-request failure isolation."""
@@ -146,10 +148,15 @@ class ModelAPI(ls.LitAPI):
         """v1 answers leave as finished JSON bytes; v2 answers as the output tensor, which the v2 layer encodes."""
         if isinstance(output, Exception):
             return 500, "internal", f"the model failed on this request ({type(output).__name__})"
+        # Finite inputs far beyond what a model was trained on (a series of +-3e38) overflow inside it; JSON has
+        # no NaN or Infinity, so such an answer is refused (400 under /v2, as its bad input; 422 under /v1).
         if isinstance(output, np.ndarray):
-            return output
+            return output if np.isfinite(output).all() else (400, "bad_request", NOT_FINITE)
         body = {"model": self.name, "version": self.manifest.version, "predictions": output}
-        return json.dumps(body, separators=(",", ":")).encode()
+        try:
+            return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+        except ValueError:
+            return 422, "invalid_input", NOT_FINITE
 
 
 class ClassifierAPI(ModelAPI):

@@ -25,7 +25,7 @@ def is_open(path: str) -> bool:
 
 
 def register_operations(app: FastAPI, plane: DataPlane) -> None:
-    @app.api_route("/health", methods=["GET", "HEAD"], tags=["operations"])
+    @app.api_route("/health", methods=["GET", "HEAD"], tags=["operations"], responses=schemas.ok(schemas.Health))
     async def health() -> dict[str, str]:
         """The process is up (no API key needed: for liveness probes)."""
         return {"status": "ok"}
@@ -53,12 +53,12 @@ def register_operations(app: FastAPI, plane: DataPlane) -> None:
         "/v1/models/{name}",
         tags=["models"],
         response_model=schemas.ModelInfo,
-        responses={404: {"model": schemas.ErrorResponse}},
+        responses=schemas.errors(404),
     )
     async def get_model(name: str) -> dict[str, Any]:
         return plane.model_info(plane.known(name))
 
-    @app.get("/metrics", tags=["operations"], response_class=Response)
+    @app.get("/metrics", tags=["operations"], response_class=Response, responses=schemas.METRICS)
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
@@ -90,8 +90,8 @@ def register_predict(app: FastAPI, plane: DataPlane, api: ModelAPI) -> None:
         tags=["predict"],
         summary=f"{name}: {api.manifest.description}",
         response_model=schemas.ClassifyResponse if classify else schemas.ForecastResponse,
-        responses=schemas.ERRORS,
-        openapi_extra=schemas.CLASSIFY_BODY if classify else schemas.FORECAST_BODY,
+        responses=schemas.PREDICT_ERRORS,
+        openapi_extra=(schemas.classify_operation if classify else schemas.forecast_operation)(settings, api.manifest),
     )
 
 

@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
 from models import load, model_names
-from service import routes, v2, web
+from service import openapi, routes, v2, web
 from service.api import ModelAPI, build_api
 from service.config import Settings
 from service.dataplane import DataPlane, Mode, SharedState
@@ -51,6 +51,7 @@ class NNServer(AdaptedServer):
         )
         routes.register_unknown_model(self.app, self.plane)
         install_handlers(self.app)
+        openapi.install(self.app, settings, {api.name: api.manifest.version for api in apis})
 
     def register_routes(self) -> None:
         web.mount(self.app, "nnserve")

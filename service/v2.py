@@ -10,6 +10,8 @@ configuration extension) and `POST .../infer`. A v2 request becomes the same pay
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -19,7 +21,7 @@ from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from service import logs
+from service import logs, schemas
 from service import v2_codec as codec
 from service.api import ModelAPI
 from service.dataplane import DataPlane
@@ -82,6 +84,20 @@ def model_config(api: ModelAPI, max_items: int, batch_timeout: float) -> dict[st
     }
 
 
+def unversioned(endpoint: Callable[..., Any]) -> Callable[..., Any]:
+    """`endpoint` without its `version` argument, which FastAPI would otherwise read from the query string."""
+    signature = inspect.signature(endpoint)
+
+    @functools.wraps(endpoint)
+    async def call(**kwargs: Any) -> Any:
+        return await endpoint(**kwargs)
+
+    call.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[p for p in signature.parameters.values() if p.name != "version"]
+    )
+    return call
+
+
 def bad_request(e: codec.ProtocolError) -> ApiError:
     return ApiError(e.status, "bad_request" if e.status == 400 else "too_many_items", str(e))
 
@@ -98,22 +114,25 @@ def register_v2(app: FastAPI, plane: DataPlane) -> None:
             )
         return api
 
-    def per_model(suffix: str, method: str, endpoint: Callable[..., Any]) -> None:
+    def per_model(suffix: str, method: str, endpoint: Callable[..., Any], **doc: Any) -> None:
         """Register `endpoint` at /v2/models/{name}{suffix} and at .../versions/{version}{suffix}."""
-        for path in (f"/v2/models/{{name}}{suffix}", f"/v2/models/{{name}}/versions/{{version}}{suffix}"):
-            app.add_api_route(path, endpoint, methods=[method], tags=["v2"])
+        for path, call in (
+            (f"/v2/models/{{name}}{suffix}", unversioned(endpoint)),
+            (f"/v2/models/{{name}}/versions/{{version}}{suffix}", endpoint),
+        ):
+            app.add_api_route(path, call, methods=[method], tags=["v2"], **doc)
 
-    @app.get("/v2", tags=["v2"])
+    @app.get("/v2", tags=["v2"], responses=schemas.ok(schemas.V2ServerMetadata))
     async def server_metadata() -> dict[str, Any]:
         """Server metadata: name, version and the protocol extensions it speaks."""
         return {"name": "nnserve", "version": server_version(), "extensions": EXTENSIONS}
 
-    @app.get("/v2/health/live", tags=["v2"])
+    @app.get("/v2/health/live", tags=["v2"], responses=schemas.ok(schemas.V2Live))
     async def live() -> dict[str, bool]:
         """The process is up (no API key needed)."""
         return {"live": True}
 
-    @app.get("/v2/health/ready", tags=["v2"])
+    @app.get("/v2/health/ready", tags=["v2"], responses=schemas.v2_ready(schemas.V2Ready))
     async def ready() -> Response:
         """Every model can answer (no API key needed); 503 otherwise."""
         ok = all(plane.model_ready(name) for name in plane.apis)
@@ -164,7 +183,18 @@ def register_v2(app: FastAPI, plane: DataPlane) -> None:
         x = images if isinstance(images, np.ndarray) else await api.decoder.decode(images)
         return request, {"x": x, "top_k": 1, "protocol": "v2"}
 
-    per_model("", "GET", metadata)
-    per_model("/ready", "GET", model_ready)
-    per_model("/config", "GET", config)
-    per_model("/infer", "POST", infer)
+    per_model("", "GET", metadata, responses={**schemas.ok(schemas.V2ModelMetadata), **schemas.errors(404, v2=True)})
+    per_model(
+        "/ready",
+        "GET",
+        model_ready,
+        responses={**schemas.v2_ready(schemas.V2ModelReady), **schemas.errors(404, v2=True)},
+    )
+    per_model("/config", "GET", config, responses={**schemas.ok(schemas.V2ModelConfig), **schemas.errors(404, v2=True)})
+    per_model(
+        "/infer",
+        "POST",
+        infer,
+        responses=schemas.V2_INFER_RESPONSES,
+        openapi_extra=schemas.v2_infer_operation(settings),
+    )

@@ -396,3 +396,26 @@ def test_the_page_works_with_an_api_key(browser: Browser) -> None:
         page.wait_for_selector(".opblock")
         visit.check_clean()
         visit.page.close()
+
+
+def test_swagger_ui_tries_a_route_with_the_api_key(browser: Browser) -> None:
+    """The document's security schemes give /docs an Authorize button; "Try it out" then sends the key."""
+    with running_server(NNSERVE_API_KEY=API_KEY) as server:
+        visit = open_visit(browser, server, "/docs")
+        page = visit.page
+        page.click("button.authorize")
+        key_input = page.locator(".auth-container", has_text="X-API-Key").locator("input")
+        key_input.fill(API_KEY)
+        page.locator(".auth-container", has_text="X-API-Key").locator("button.authorize").click()
+        page.click("button.btn-done")
+        page.click("#operations-models-list_models_v1_models_get .opblock-summary")
+        page.click("#operations-models-list_models_v1_models_get button.try-out__btn")
+        page.click("#operations-models-list_models_v1_models_get button.execute")
+        live = "#operations-models-list_models_v1_models_get .live-responses-table tbody .response-col_status"
+        page.wait_for_selector(live)
+        assert page.inner_text(live).strip() == "200"
+        sent = [r for r in visit.requests if urlsplit(r.url).path == "/v1/models"]
+        assert sent and sent[-1].headers.get("x-api-key") == API_KEY
+        page.screenshot(path=IMAGES / "web-docs-authorized.png", full_page=False)
+        visit.check_clean()
+        page.close()
