@@ -6,6 +6,9 @@ the figures a manifest records are computed exactly as requests are answered. nu
 
 from __future__ import annotations
 
+import math
+from typing import NamedTuple
+
 import numpy as np
 from PIL import Image
 
@@ -17,21 +20,20 @@ from models.manifest import ImagePreprocessing
 MNIST_FRAME = 28
 MNIST_BOX = 20
 MNIST_CENTRE = 14.0
-# A pixel counts toward the bounding box when it stands out from the background by this share of the ink's full
-# strength, so JPEG ringing and a shaded background do not stretch the box. At 25% every MNIST digit keeps its
-# 20-pixel longer side, but 42% lose a faint fringe column on the shorter side (1% already at 4 of 255): the crop
-# therefore keeps this many pixels (of the 28x28 frame) around the box, and an MNIST digit comes out unchanged.
+# A pixel counts toward the bounding box when it stands out from the paper by this share of the ink's full
+# strength, so JPEG ripples and shading do not stretch the box. At 25% every MNIST digit keeps its 20-pixel
+# longer side, but 42% lose a faint column on the shorter side (1% already at 4 of 255): the fit therefore keeps
+# this many pixels (of the 28x28 frame) around the box, so that an MNIST digit comes out unchanged.
 INK_SHARE = 0.25
 FRINGE = 2
 # Ink weaker than this (of 255) is stretched to full strength, as a photo's grey-on-paper digit needs; MNIST's ink
 # peaks at 254 or 255 and is left as it is.
 FULL_STRENGTH = 230
-# Below this contrast (of 255) between ink and background a picture is blank: flat paper, JPEG noise.
+# Below this contrast (of 255) between ink and paper, grain aside, a picture is blank: a shadow, a smudge.
 MIN_CONTRAST = 32
 # A JPEG is decoded at the smallest 1/1..1/8 scale that keeps this many pixels a side: the digit may fill only a
 # part of the picture, and still needs a few pixels of its own per pixel of the 20-pixel box.
 MNIST_DRAFT = 8 * MNIST_FRAME
-MNIST_FILTER = Image.Resampling.LANCZOS
 
 
 def to_pixels(image: Image.Image, spec: ImagePreprocessing) -> np.ndarray:
@@ -53,36 +55,63 @@ def to_pixels(image: Image.Image, spec: ImagePreprocessing) -> np.ndarray:
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 
 
+class _Paper(NamedTuple):
+    """What is not ink: the background's level, its grain, and which way the ink departs from it."""
+
+    level: int
+    grain: int
+    light: bool  # dark ink on light paper
+    strength: int  # the strongest ink's distance from the paper, grain excluded
+
+
 def mnist_digit(image: Image.Image) -> np.ndarray:
     """uint8 [28, 28]: a picture of one digit, drawn or photographed, in MNIST's form.
 
-    Greyscale; the background is the median of the border pixels, and one nearer the picture's light end than its
-    dark end is inverted, so the ink is light on dark; the background level is subtracted (and weak ink stretched
-    to full strength); the ink's bounding box sets the scale, its longer side becoming 20 pixels (Lanczos,
-    antialiased); the crop, with a 2-pixel fringe, is placed in 28x28 with its centre of mass at (14, 14) to the
-    nearest pixel, shifted back inside the frame where needed. A picture without ink gives a blank frame.
+    Greyscale; the paper is the median of the border pixels, inverted when it is nearer the picture's light end
+    than its dark end, so the ink is light on dark; the paper's level and grain are subtracted (and weak ink
+    stretched to full strength); the ink's bounding box is scaled so that its longer side is 20 pixels, keeping
+    the aspect (Lanczos, antialiased), with a 2-pixel fringe around it; that is placed in 28x28 with its centre of
+    mass at (14, 14) to the nearest pixel, the box shifted back inside the frame where needed and the fringe clipped
+    to it. A picture without ink gives a blank frame; an MNIST digit comes back unchanged.
     """
     image.draft("L", (MNIST_DRAFT, MNIST_DRAFT))
     grey = np.asarray(_greyscale(image), dtype=np.uint8)
     digit = np.zeros((MNIST_FRAME, MNIST_FRAME), dtype=np.uint8)
-    found = _ink(grey)
-    if found is None:
+    paper = _paper(grey)
+    if paper is None:
         return digit
-    ink, longer = found
-    scale = MNIST_BOX / longer
-    size = (max(1, round(ink.shape[1] * scale)), max(1, round(ink.shape[0] * scale)))
-    small = ink
-    if size != (ink.shape[1], ink.shape[0]):
-        small = np.asarray(Image.fromarray(ink).resize(size, MNIST_FILTER), dtype=np.uint8)
+    top, left, height, width = _ink_box(grey, paper)
+    scale = MNIST_BOX / max(height, width)
+    box_w, box_h = max(1, round(width * scale)), max(1, round(height * scale))
+    scale_x, scale_y = box_w / width, box_h / height
+    margin = math.ceil(FRINGE / min(scale_x, scale_y))  # the fringe, in the picture's pixels
+    ink = _ink(grey, paper, top - margin, left - margin, height + 2 * margin, width + 2 * margin)
+    size = (box_w + 2 * FRINGE, box_h + 2 * FRINGE)
+    if scale_x == scale_y == 1:
+        small = ink[margin - FRINGE : margin - FRINGE + size[1], margin - FRINGE : margin - FRINGE + size[0]]
+    else:
+        source = (
+            margin - FRINGE / scale_x,
+            margin - FRINGE / scale_y,
+            margin + width + FRINGE / scale_x,
+            margin + height + FRINGE / scale_y,
+        )
+        resized = Image.fromarray(ink).resize(size, Image.Resampling.LANCZOS, box=source)
+        small = np.asarray(resized, dtype=np.uint8)
     rows = small.sum(axis=1, dtype=np.float64)
     mass = rows.sum()
     if mass == 0:
         return digit
     centre_y = float(rows @ np.arange(size[1])) / mass
     centre_x = float(small.sum(axis=0, dtype=np.float64) @ np.arange(size[0])) / mass
-    top = min(max(round(MNIST_CENTRE - centre_y), 0), MNIST_FRAME - size[1])
-    left = min(max(round(MNIST_CENTRE - centre_x), 0), MNIST_FRAME - size[0])
-    digit[top : top + size[1], left : left + size[0]] = small
+    # The box (inside the fringe) stays whole in the frame; the fringe may be cut.
+    y = min(max(round(MNIST_CENTRE - centre_y), -FRINGE), MNIST_FRAME - FRINGE - box_h)
+    x = min(max(round(MNIST_CENTRE - centre_x), -FRINGE), MNIST_FRAME - FRINGE - box_w)
+    frame_rows = slice(max(y, 0), min(y + size[1], MNIST_FRAME))
+    frame_cols = slice(max(x, 0), min(x + size[0], MNIST_FRAME))
+    digit[frame_rows, frame_cols] = small[
+        frame_rows.start - y : frame_rows.stop - y, frame_cols.start - x : frame_cols.stop - x
+    ]
     return digit
 
 
@@ -102,27 +131,42 @@ def _greyscale(image: Image.Image) -> Image.Image:
     return image.convert("L")
 
 
-def _ink(grey: np.ndarray) -> tuple[np.ndarray, int] | None:
-    """The ink, uint8 light on dark, cropped to its bounding box plus fringe, and the box's longer side in pixels;
-    None when the picture holds no ink."""
+def _paper(grey: np.ndarray) -> _Paper | None:
+    """The paper, read from the picture's border; None when nothing on it stands out enough to be ink."""
     border = np.concatenate([grey[0], grey[-1], grey[1:-1, 0], grey[1:-1, -1]])
-    background = int(np.partition(border, len(border) // 2)[len(border) // 2])  # the median, a third the cost
+    middle = len(border) // 2
+    level = int(np.partition(border, middle)[middle])  # the median, a third of np.median's cost
     darkest, lightest = int(grey.min()), int(grey.max())
-    light_paper = background - darkest > lightest - background
-    strength = background - darkest if light_paper else lightest - background
-    if strength < MIN_CONTRAST:
+    light = level - darkest > lightest - level
+    strength = level - darkest if light else lightest - level
+    # The grain (camera noise, JPEG's ripples): 90% of the border lies this close to the paper's level. It is
+    # subtracted with the level, so the paper becomes MNIST's flat 0; capped, as a digit may touch the border.
+    spread = np.abs(border.astype(np.int16) - level)
+    tenth = len(spread) * 9 // 10
+    grain = min(int(np.partition(spread, tenth)[tenth]), strength // 8)
+    if strength - grain < MIN_CONTRAST:
         return None
-    limit = INK_SHARE * strength
-    mask = grey < background - limit if light_paper else grey > background + limit
+    return _Paper(level, grain, light, strength - grain)
+
+
+def _ink_box(grey: np.ndarray, paper: _Paper) -> tuple[int, int, int, int]:
+    """Top, left, height, width of the pixels that stand out from the paper by INK_SHARE of the ink's strength."""
+    limit = paper.grain + INK_SHARE * paper.strength
+    mask = grey < paper.level - limit if paper.light else grey > paper.level + limit
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    longer = max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1
-    fringe = -(-FRINGE * longer // MNIST_BOX)  # FRINGE frame pixels, in the picture's pixels, rounded up
-    top, left = max(rows[0] - fringe, 0), max(cols[0] - fringe, 0)
-    crop = grey[top : rows[-1] + 1 + fringe, left : cols[-1] + 1 + fringe].astype(np.int32)
-    ink = np.maximum(background - crop if light_paper else crop - background, 0)
-    if strength < FULL_STRENGTH:
-        ink = np.minimum((ink * 255 + strength // 2) // strength, 255)
-    return ink.astype(np.uint8), int(longer)
+    return int(rows[0]), int(cols[0]), int(rows[-1] - rows[0] + 1), int(cols[-1] - cols[0] + 1)
+
+
+def _ink(grey: np.ndarray, paper: _Paper, top: int, left: int, height: int, width: int) -> np.ndarray:
+    """uint8 [height, width]: the ink, light on dark at full strength, in that window; 0 beyond the picture."""
+    window = np.full((height, width), paper.level, dtype=np.int32)
+    rows = slice(max(top, 0), min(top + height, grey.shape[0]))
+    cols = slice(max(left, 0), min(left + width, grey.shape[1]))
+    window[rows.start - top : rows.stop - top, cols.start - left : cols.stop - left] = grey[rows, cols]
+    ink = np.maximum((paper.level - window if paper.light else window - paper.level) - paper.grain, 0)
+    if paper.strength < FULL_STRENGTH:
+        ink = np.minimum((ink * 255 + paper.strength // 2) // paper.strength, 255)
+    return ink.astype(np.uint8)
 
 
 def normalize(pixels: np.ndarray, spec: ImagePreprocessing) -> np.ndarray:
