@@ -94,7 +94,7 @@ def test_training_transform_equals_preprocess(name: str) -> None:
     """What the networks were trained on is what serving feeds them, to float32 rounding.
 
     Training skips the digits' MNIST fit: MNIST digits are in that form already, and the fit leaves them (all of
-    these, 99.5% of the 70,000 in all: test_digit_fit.py) unchanged."""
+    these, 99.4% of the 70,000 in all: test_digit_fit.py) unchanged."""
     if name == "digits":
         test = load_mnist(data_dir())[1].head(N_MNIST)
         spec = DIGITS
