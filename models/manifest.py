@@ -43,10 +43,11 @@ class ImagePreprocessing(_Strict):
         default="resize",
         description="How a picture of any size is fitted to height x width. `resize`: the whole picture is "
         "resized (bilinear), as for photos. `mnist`: the picture is put into MNIST's form, so that a digit drawn "
-        "or photographed dark on light at any size reads as the training digits do: light ink on a dark "
-        "background (a light background is detected and inverted, a faint one subtracted), cropped to the ink, "
-        "its longer side scaled to 20 pixels keeping the aspect (antialiased), placed in 28x28 with its centre "
-        "of mass at the centre. Needs color_mode L and 28x28; an MNIST digit passes through unchanged.",
+        "or photographed at any size, dark on light or light on dark, reads as the training digits do: light ink "
+        "on a dark background (a light background, read from the border, is inverted; the paper's level and grain "
+        "are subtracted), cropped to the ink, its longer side scaled to 20 pixels keeping the aspect (Lanczos, "
+        "antialiased), placed in 28x28 with its centre of mass at (14, 14). Needs color_mode L and 28x28; an "
+        "MNIST digit passes through unchanged.",
     )
 
     @model_validator(mode="after")
