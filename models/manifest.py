@@ -32,13 +32,23 @@ class TensorSpec(_Strict):
 
 
 class ImagePreprocessing(_Strict):
-    """How any client image becomes the model's input: convert, resize, scale to [0, 1], normalize."""
+    """How any client image becomes the model's input: convert, fit to height x width, scale to [0, 1], normalize."""
 
     color_mode: Literal["L", "RGB"]
     height: int = Field(gt=0)
     width: int = Field(gt=0)
     mean: list[float]
     std: list[float]
+    fit: Literal["resize", "mnist"] = Field(
+        default="resize",
+        description="How a picture of any size is fitted to height x width. `resize`: the whole picture is "
+        "resized (bilinear), as for photos. `mnist`: the picture is put into MNIST's form, so that a digit drawn "
+        "or photographed at any size, dark on light or light on dark, reads as the training digits do: light ink "
+        "on a dark background (a light background, read from the border, is inverted; the paper's level and grain "
+        "are subtracted), cropped to the ink, its longer side scaled to 20 pixels keeping the aspect (Lanczos, "
+        "antialiased), placed in 28x28 with its centre of mass at (14, 14). Needs color_mode L and 28x28; an "
+        "MNIST digit passes through unchanged.",
+    )
 
     @model_validator(mode="after")
     def _one_stat_per_channel(self) -> ImagePreprocessing:
@@ -47,6 +57,8 @@ class ImagePreprocessing(_Strict):
             raise ValueError(f"mean and std need {channels} values for color mode {self.color_mode}")
         if any(s <= 0 for s in self.std):
             raise ValueError("std values must be positive")
+        if self.fit == "mnist" and (self.color_mode, self.height, self.width) != ("L", 28, 28):
+            raise ValueError("fit 'mnist' makes 28x28 greyscale digits: it needs color_mode L, height and width 28")
         return self
 
 

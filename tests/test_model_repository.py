@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 import pytest
+from PIL import Image
 
 import models
 from models import ModelVersion
@@ -28,16 +29,12 @@ def session(mv: ModelVersion) -> ort.InferenceSession:
 
 
 def classifier_inputs(mv: ModelVersion) -> tuple[np.ndarray, np.ndarray]:
-    """Stored test images decoded and normalized per the manifest as serving does it: float32 NCHW, labels."""
-    if mv.manifest.name == "digits":
-        images, labels = mnist_test()
-        images = images[:, None]
-    else:
-        images, labels = cifar_test()
-        images = images.transpose(0, 3, 1, 2)
+    """Stored test images decoded, fitted and normalized per the manifest as serving does it: float32 NCHW, labels."""
+    images, labels = mnist_test() if mv.manifest.name == "digits" else cifar_test()
     prep = mv.manifest.preprocessing
     assert prep is not None
-    return models.normalize(images, prep), labels
+    pixels = np.stack([models.to_pixels(Image.fromarray(image), prep) for image in images])
+    return models.normalize(pixels, prep), labels
 
 
 def forecast_windows(mv: ModelVersion) -> tuple[np.ndarray, np.ndarray]:

@@ -8,6 +8,7 @@ of per-sample PIL conversions.
 from __future__ import annotations
 
 import csv
+import io
 import itertools
 from dataclasses import dataclass
 from datetime import date
@@ -156,6 +157,23 @@ def load_images(cfg: ClassifierConfig) -> tuple[ImageSet, ImageSet, str]:
 
 def class_labels(task: str) -> list[str]:
     return list(MNIST_LABELS if task == "digits" else CIFAR10_LABELS)
+
+
+def on_paper(digit: np.ndarray, rng: np.random.Generator, size: int = 280, quality: int = 90) -> bytes:
+    """An MNIST digit (uint8 28x28, light on dark) as people send one: drawn dark on white at a random scale and
+    place in a size x size picture, saved as a JPEG.
+
+    The 28x28 frame is scaled (bicubic) to 30% to 95% of the picture's side, so the 20-pixel digit spans 21% to
+    68% of it (60 to 190 pixels of 280), and placed anywhere inside; `rng` makes the set reproducible.
+    """
+    side = round(size * rng.uniform(0.3, 0.95))
+    drawn = Image.fromarray(255 - digit).resize((side, side), Image.Resampling.BICUBIC)
+    paper = Image.new("L", (size, size), 255)
+    left, top = (int(v) for v in rng.integers(0, size - side + 1, 2))
+    paper.paste(drawn, (left, top))
+    buffer = io.BytesIO()
+    paper.convert("RGB").save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
 
 
 def to_input(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:

@@ -8,9 +8,11 @@ written last, so a failed check leaves no version that the repository would list
 
 from __future__ import annotations
 
+import io
 import platform
 import shutil
 import warnings
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from importlib.metadata import version as package_version
 from pathlib import Path
@@ -19,6 +21,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from PIL import Image
 from torch import nn
 
 from models.manifest import (
@@ -32,10 +35,10 @@ from models.manifest import (
     TrainingInfo,
     sha256_file,
 )
-from models.preprocessing import normalize
+from models.preprocessing import normalize, to_pixels
 from training.checkpoint import load_checkpoint, load_model
 from training.config import CifarConfig, ClassifierConfig, SequenceConfig, config_from_dict
-from training.data import DataError, class_labels, held_out, load_images, load_weather, split_series
+from training.data import DataError, class_labels, held_out, load_images, load_weather, on_paper, split_series
 from training.metrics import confusion_matrix, forecast_rmse, persistence
 from training.nets import Forecaster
 from training.plots import plot_confusion
@@ -46,6 +49,7 @@ TORCHSCRIPT_FILE = "model.pt"
 CONFUSION_FILE = "confusion.png"
 ONNX_TOLERANCE = 1e-4  # max |ONNX Runtime - eager| on any output
 EVAL_BATCH = 256  # ONNX Runtime batch for the recorded metric; the repository tests evaluate the same way
+ON_PAPER_SEED = 0  # the random scale and place of each test digit redrawn on paper
 
 
 class ExportError(RuntimeError):
@@ -122,13 +126,51 @@ def check_parity(model: nn.Module, folder: Path, inputs: list[np.ndarray]) -> tu
     return worst_onnx, worst_ts
 
 
-def onnx_predictions(session: ort.InferenceSession, images: np.ndarray, prep: ImagePreprocessing) -> np.ndarray:
-    """Predicted class of every uint8 image, by ONNX Runtime, preprocessed as serving does."""
+def onnx_predictions(
+    session: ort.InferenceSession, pictures: Iterable[Image.Image], prep: ImagePreprocessing
+) -> np.ndarray:
+    """Predicted class of every picture, by ONNX Runtime, preprocessed by `models.preprocessing` as serving does."""
+    pixels = np.stack([to_pixels(picture, prep) for picture in pictures])
     chunks = [
-        session.run(["output"], {"input": normalize(images[i : i + EVAL_BATCH], prep)})[0].argmax(1)
-        for i in range(0, len(images), EVAL_BATCH)
+        session.run(["output"], {"input": normalize(pixels[i : i + EVAL_BATCH], prep)})[0].argmax(1)
+        for i in range(0, len(pixels), EVAL_BATCH)
     ]
     return np.concatenate(chunks)
+
+
+def as_pictures(images: np.ndarray) -> Iterator[Image.Image]:
+    """uint8 [N, C, H, W] as the pictures a client would send (greyscale or RGB)."""
+    for image in images:
+        yield Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0))
+
+
+def drawn_digit_metrics(
+    session: ort.InferenceSession, digits: np.ndarray, labels: np.ndarray, prep: ImagePreprocessing, dataset: str
+) -> list[Metric]:
+    """Accuracy on MNIST digits (uint8 [N, 28, 28]) presented as people draw them: inverted, and redrawn large on
+    paper as JPEGs. Each picture goes through `models.preprocessing`, a JPEG undecoded until then, as a request's."""
+    rng = np.random.default_rng(ON_PAPER_SEED)
+    variants = {
+        "accuracy_inverted": (
+            "test, inverted (255 - x): dark digits on light",
+            (Image.fromarray(255 - d) for d in digits),
+        ),
+        "accuracy_on_paper": (
+            "test, redrawn dark on white at a random scale (digit 21-68% of the side) and place in 280x280, "
+            f"JPEG quality 90, seed {ON_PAPER_SEED}",
+            (Image.open(io.BytesIO(on_paper(d, rng))) for d in digits),
+        ),
+    }
+    return [
+        Metric(
+            name=name,
+            value=round(float((onnx_predictions(session, pictures, prep) == labels).mean()), 6),
+            dataset=dataset,
+            split=split,
+            n_items=len(labels),
+        )
+        for name, (split, pictures) in variants.items()
+    ]
 
 
 def _libraries(ckpt: dict) -> dict[str, str]:
@@ -203,7 +245,7 @@ def export_version(version_dir: Path, data_dir: Path) -> Manifest:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     print(f"exported {cfg.name} v{manifest.version} to {version_dir}", flush=True)
-    for m in manifest.metrics[:2]:
+    for m in manifest.metrics[: 3 if manifest.task == "classification" else 2]:
         base = f" (baseline {m.baseline:.4f})" if m.baseline is not None else ""
         print(f"  {m.name} = {m.value:.4f}{base} on {m.dataset}, {m.split}", flush=True)
     return manifest
@@ -221,6 +263,8 @@ def _export_classifier(model: nn.Module, cfg: ClassifierConfig, ckpt: dict, scra
         width=int(width),
         mean=list(cfg.mean),
         std=list(cfg.std),
+        # People draw digits dark on light at any size; the network knows only MNIST's form.
+        fit="mnist" if cfg.name == "digits" else "resize",
     )
     example = torch.from_numpy(normalize(images[:8], prep))
     save_torchscript(model, example, scratch / TORCHSCRIPT_FILE)
@@ -229,7 +273,8 @@ def _export_classifier(model: nn.Module, cfg: ClassifierConfig, ckpt: dict, scra
     worst_onnx, worst_ts = check_parity(model, scratch, parity_inputs)
     print(f"parity: max |ONNX - eager| {worst_onnx:.2e}, max |TorchScript - eager| {worst_ts:.2e}", flush=True)
 
-    predictions = onnx_predictions(ort_session(scratch / ONNX_FILE), images, prep)
+    session = ort_session(scratch / ONNX_FILE)
+    predictions = onnx_predictions(session, as_pictures(images), prep)
     acc = float((predictions == labels).mean())
     names = class_labels(cfg.name)
     plot_confusion(
@@ -238,6 +283,7 @@ def _export_classifier(model: nn.Module, cfg: ClassifierConfig, ckpt: dict, scra
         scratch / CONFUSION_FILE,
         f"{cfg.name} v{scratch.parent.name} ({ckpt['arch']}): ONNX accuracy {acc:.2%} on {len(labels):,} test images",
     )
+    drawn = drawn_digit_metrics(session, images[:, 0], labels, prep, ckpt["dataset"]) if cfg.name == "digits" else []
     arch = f"{ckpt['arch']}: {type(model).__name__}"
     if isinstance(cfg, CifarConfig) and ckpt["arch"] == "resnet":
         arch = f"{ckpt['arch']}: ResNet-{cfg.resnet_depth} (width {cfg.resnet_width})"
@@ -268,7 +314,8 @@ def _export_classifier(model: nn.Module, cfg: ClassifierConfig, ckpt: dict, scra
                 split="test",
                 n_items=len(labels),
                 baseline=None if ckpt["baseline"] is None else round(ckpt["baseline"], 6),
-            )
+            ),
+            *drawn,
         ],
         opset=opset,
     )
