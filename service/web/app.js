@@ -214,8 +214,8 @@ function mnistDigit() {
     }
   }
   const clamp = (v, hi) => Math.min(Math.max(v, 0), hi);
-  const ox = clamp(Math.round(13.5 - mx / mass), 28 - w); // 13.5: the middle of 28 pixel centres
-  const oy = clamp(Math.round(13.5 - my / mass), 28 - h);
+  const ox = clamp(Math.round(14 - mx / mass), 28 - w); // 14: where MNIST's test digits have their centre of mass, as the server's fit
+  const oy = clamp(Math.round(14 - my / mass), 28 - h);
   const digit = new Uint8ClampedArray(28 * 28);
   for (let y = 0; y < h; y++) {
     for (let x = 0; x < w; x++) digit[(y + oy) * 28 + x + ox] = Math.round(small[y * w + x]);
