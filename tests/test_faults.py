@@ -175,7 +175,7 @@ def test_preprocessing_that_does_not_fit_the_graph_fails_the_start(tmp_path: Pat
     root = _copy_repository(tmp_path)
 
     def rgb(manifest: dict) -> None:  # a manifest consistent in itself, for a graph that takes grey images
-        manifest["preprocessing"].update(color_mode="RGB", mean=[0.1307] * 3, std=[0.3081] * 3)
+        manifest["preprocessing"].update(color_mode="RGB", mean=[0.1307] * 3, std=[0.3081] * 3, fit="resize")
         manifest["input"]["shape"] = ["batch", 3, 28, 28]
 
     _rewrite_manifest(root / "digits" / "1", rgb)
