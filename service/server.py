@@ -300,7 +300,7 @@ def build_server(settings: Settings) -> NNServer:
     apis = []
     for name in names:
         model = load(settings.models_dir, name)
-        model.verify()
+        model.verify([settings.backend])
         apis.append(build_api(model, settings, device, threads))
     logger.info(
         "serving %s with %s on %s, %d thread(s) per worker", ", ".join(names), settings.backend, device, threads
