@@ -38,7 +38,7 @@ RUN printf '%s\n' \
       > requirements.py
 
 # PIP_EXTRA_INDEX_URL (read by pip from the environment): another package index beside PyPI, e.g. a local mirror,
-# or https://download.pytorch.org/whl/cpu for a CPU-only torch in `train` (~1 GB instead of ~6 GB of CUDA wheels).
+# or https://download.pytorch.org/whl/cpu for a CPU-only torch in `train` (without ~3 GB of CUDA wheels).
 FROM deps AS deps-cpu
 ARG EXTRAS=""
 ARG PIP_EXTRA_INDEX_URL
