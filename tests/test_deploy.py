@@ -15,7 +15,6 @@ import json
 import os
 import platform
 import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -421,7 +420,7 @@ def test_dockerfile_builds_the_same_with_buildkit_and_the_classic_builder(stages
 
 def test_gpu_image_cuda_major_is_a_build_argument(stages: dict[str, Stage]) -> None:
     assert _global_args()["CUDA_MAJOR"] == "12", "CUDA 12 by default: the driver most GPU hosts run"
-    runs = stages["deps-gpu"].runs()
+    runs = stages["requirements"].runs()
     pins = dict(re.findall(r'(\d+)\) echo "onnxruntime-gpu\[cuda,cudnn\]([^"]+)"', runs))
     # PyPI's onnxruntime-gpu moved from CUDA 12 to CUDA 13 at 1.27.
     assert pins == {"12": "<1.27", "13": ">=1.27"}
@@ -438,7 +437,7 @@ def test_gpu_image_gets_the_driver_libraries_and_nvidia_smi(stages: dict[str, St
     assert {"compute", "utility"} <= set(env["NVIDIA_DRIVER_CAPABILITIES"].split(","))
     runs = stages["gpu"].runs()
     assert "/etc/ld.so.conf.d/" in runs and "ldconfig" in runs, "the CUDA wheels' libraries are registered"
-    assert "onnxruntime-gpu[cuda,cudnn]" in stages["deps-gpu"].runs()
+    assert "onnxruntime-gpu[cuda,cudnn]" in stages["requirements"].runs()
 
 
 def _healthcheck(stage: Stage) -> list[str]:
@@ -519,38 +518,31 @@ def test_the_probed_routes_are_served(server: Any, compose: dict[str, Any]) -> N
         assert "/health'" in compose["services"][name]["healthcheck"]["test"][-1], name
 
 
-def _requirements(stage: Stage, script_dir: Path) -> set[str]:
-    """The distribution names a deps stage installs, from running its own `requirements.py` line."""
-    from packaging.requirements import Requirement
-    from packaging.utils import canonicalize_name
-
-    runs = stage.runs()
-    match = re.search(r"python requirements\.py ([^>]*)>", runs)
-    assert match, f"{stage.name} does not install from requirements.py"
-    args = shlex.split(stage.expand(match.group(1)))
-    out = subprocess.run(
-        [sys.executable, "requirements.py", *args], cwd=script_dir, capture_output=True, text=True, check=True
-    ).stdout
-    # The GPU stage adds the onnxruntime-gpu line of the default CUDA major.
-    lines = [*out.splitlines(), *re.findall(rf'{_global_args()["CUDA_MAJOR"]}\) echo "([^"]+)"', runs)]
-    return {canonicalize_name(Requirement(line).name) for line in lines if line.strip()}
-
-
 @pytest.fixture(scope="module")
-def requirements_script(stages: dict[str, Stage], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Run the deps stage's RUN that writes requirements.py, beside a copy of pyproject.toml."""
-    workdir = tmp_path_factory.mktemp("deps")
+def requirements_dir(stages: dict[str, Stage], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Run the `requirements` stage's RUN (default build args) beside a copy of pyproject.toml: the files it writes."""
+    workdir = tmp_path_factory.mktemp("requirements")
     shutil.copy(ROOT / "pyproject.toml", workdir / "pyproject.toml")
-    (writer,) = [c.value[0] for c in stages["deps"].all("RUN") if "requirements.py" in c.value[0]]
-    subprocess.run(["/bin/sh", "-c", writer], cwd=workdir, check=True)
-    assert (workdir / "requirements.py").is_file()
+    (run,) = [c.value[0] for c in stages["requirements"].all("RUN")]
+    env = {**os.environ, **stages["requirements"].args, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    subprocess.run(["/bin/sh", "-c", run], cwd=workdir, env=env, check=True)
     return workdir
 
 
-def test_onnxruntime_flavours_never_mix(stages: dict[str, Stage], requirements_script: Path) -> None:
-    cpu = _requirements(stages["deps-cpu"], requirements_script)
-    gpu = _requirements(stages["deps-gpu"], requirements_script)
-    train = _requirements(stages["deps-train"], requirements_script)
+def _requirements(stage: Stage, requirements_dir: Path) -> set[str]:
+    """The distribution names a deps stage installs: those of the requirements file it copies."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    (copy,) = [c for c in stage.all("COPY") if "--from=requirements" in c.flags]
+    lines = (requirements_dir / Path(copy.value[0]).name).read_text().splitlines()
+    return {canonicalize_name(Requirement(line).name) for line in lines if line.strip()}
+
+
+def test_onnxruntime_flavours_never_mix(stages: dict[str, Stage], requirements_dir: Path) -> None:
+    cpu = _requirements(stages["deps-cpu"], requirements_dir)
+    gpu = _requirements(stages["deps-gpu"], requirements_dir)
+    train = _requirements(stages["deps-train"], requirements_dir)
     assert "onnxruntime" in cpu and "onnxruntime-gpu" not in cpu
     assert "onnxruntime-gpu" in gpu and "onnxruntime" not in gpu
     assert "onnxruntime-gpu" not in train and "torch" in train
@@ -568,10 +560,13 @@ def test_images_take_their_own_environment(stages: dict[str, Stage], target: str
 
 
 def test_dependencies_are_installed_before_the_source_is_copied(stages: dict[str, Stage]) -> None:
-    copies = [c.value[0] for c in stages["deps"].all("COPY")]
-    assert copies == ["pyproject.toml"], "the dependency layers depend on pyproject.toml alone"
-    for name in ("deps-cpu", "deps-gpu", "deps-train"):
-        assert stages[name].all("COPY") == [], name
+    assert stages["deps"].all("COPY") == []
+    copies = [c.value[0] for c in stages["requirements"].all("COPY")]
+    assert copies == ["pyproject.toml"], "the requirements depend on pyproject.toml alone"
+    for name, file in (("deps-cpu", "cpu.txt"), ("deps-gpu", "gpu.txt"), ("deps-train", "train.txt")):
+        # Only the image's own requirements: an edit elsewhere in pyproject.toml keeps its layers cached.
+        found = [(c.flags, tuple(c.value)) for c in stages[name].all("COPY")]
+        assert found == [(("--from=requirements",), (f"/build/{file}", "requirements.txt"))], name
 
 
 # ----------------------------------------------------------------------------------------------------------------
