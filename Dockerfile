@@ -1,22 +1,25 @@
-# syntax=docker/dockerfile:1
-#
 # nnserve images, one Dockerfile, three targets (see docs/deployment.md):
 #
 #   docker build --target cpu   -t nnserve:cpu   .   # ONNX Runtime on the CPU (the default target)
-#   docker build --target gpu   -t nnserve:gpu   .   # ONNX Runtime + CUDA 13 / cuDNN 9 from NVIDIA's pip wheels
+#   docker build --target gpu   -t nnserve:gpu   .   # ONNX Runtime + CUDA 12 (or --build-arg CUDA_MAJOR=13) + cuDNN 9
 #   docker build --target train -t nnserve:train .   # one-shot training (torch, torchvision, onnx)
 #
 # Serving images hold no torch: the ONNX backend needs only ONNX Runtime. Add the TorchScript backend with
-# `--build-arg EXTRAS=torchscript`. Dependencies are installed from pyproject.toml alone, before any source
-# is copied, so editing code or models reuses the cached dependency layers.
+# `--build-arg EXTRAS=torchscript`. Each image's dependencies are installed from its own requirements (derived
+# from pyproject.toml) before any source is copied, so editing code, models or other extras reuses the cached
+# dependency layers. No `# syntax=` line and no BuildKit-only instruction: BuildKit and the classic builder build
+# the same images, and nothing but the base image is pulled (air-gapped hosts pass a mirror or stand-in base as
+# PYTHON_IMAGE).
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 # uid/gid of the image's non-root user `nnserve`: match the owner of a mounted models folder that `train` writes.
 ARG APP_UID=1000
 ARG APP_GID=1000
+# CUDA major of the GPU image's NVIDIA wheels: 12 (driver >= R525, what most GPU hosts run) or 13 (driver >= R580).
+ARG CUDA_MAJOR=12
 
 # ---------------------------------------------------------------------------------------------------------
-# Dependencies: a virtual environment in /opt/venv, built from pyproject.toml only.
+# Dependencies: a virtual environment in /opt/venv per image, from that image's requirements only.
 # ---------------------------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS deps
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -25,37 +28,54 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PATH=/opt/venv/bin:$PATH
 RUN python -m venv /opt/venv
 WORKDIR /build
+
+# One requirements file per image, derived from pyproject.toml. Each deps-* stage copies only its own file, and a
+# COPY is cached by content: editing pyproject.toml elsewhere (a dev tool, package data) reinstalls nothing,
+# where copying pyproject.toml itself would reinstall train's 6 GB for any edit (3 minutes on 2 cores).
+FROM deps AS requirements
+ARG EXTRAS=""
+ARG CUDA_MAJOR
 COPY pyproject.toml ./
 # `requirements.py EXTRA...` prints the project's dependencies plus those of the named extras (the project
-# itself is not installed: its source runs from /app).
+# itself is not installed: its source runs from /app). onnxruntime-gpu's own `cuda` and `cudnn` extras pull the
+# CUDA runtime, cuBLAS, cuFFT, cuRAND, NVRTC and cuDNN wheels that its release was built against, so the
+# libraries can never drift from it; PyPI's onnxruntime-gpu is built for CUDA 12 up to 1.26, CUDA 13 from 1.27.
 RUN printf '%s\n' \
       'import sys, tomllib' \
       'project = tomllib.load(open("pyproject.toml", "rb"))["project"]' \
       'extras = [e for arg in sys.argv[1:] for e in arg.split(",") if e]' \
       'print("\n".join(project["dependencies"] + [r for e in extras for r in project["optional-dependencies"][e]]))' \
-      > requirements.py
+      > requirements.py \
+    && python requirements.py serve cpu "${EXTRAS}" > cpu.txt \
+    && python requirements.py serve gpu "${EXTRAS}" > gpu.txt \
+    && case "${CUDA_MAJOR}" in \
+      12) echo "onnxruntime-gpu[cuda,cudnn]<1.27" ;; \
+      13) echo "onnxruntime-gpu[cuda,cudnn]>=1.27" ;; \
+      *) echo "CUDA_MAJOR must be 12 or 13, not ${CUDA_MAJOR}" >&2; exit 1 ;; \
+    esac >> gpu.txt \
+    && python requirements.py train cpu > train.txt
 
+# PIP_EXTRA_INDEX_URL (read by pip from the environment): another package index beside PyPI, e.g. a local mirror,
+# or https://download.pytorch.org/whl/cpu for a CPU-only torch in `train` (without ~3 GB of CUDA wheels).
 FROM deps AS deps-cpu
-ARG EXTRAS=""
-RUN python requirements.py serve cpu "${EXTRAS}" > requirements.txt \
-    && pip install -r requirements.txt \
+ARG PIP_EXTRA_INDEX_URL
+COPY --from=requirements /build/cpu.txt requirements.txt
+RUN pip install -r requirements.txt \
     && if pip show --quiet onnxruntime-gpu; then echo "onnxruntime-gpu must not be in the CPU image" >&2; exit 1; fi \
     && python -c "import onnxruntime; print('onnxruntime', onnxruntime.__version__, onnxruntime.get_available_providers())"
 
 FROM deps AS deps-gpu
-ARG EXTRAS=""
-# onnxruntime-gpu's own `cuda` and `cudnn` extras pull the CUDA runtime, cuBLAS, cuFFT, cuRAND, NVRTC and cuDNN
-# wheels that this onnxruntime-gpu release was built against, so the libraries can never drift from it.
-RUN python requirements.py serve gpu "${EXTRAS}" > requirements.txt \
-    && echo "onnxruntime-gpu[cuda,cudnn]" >> requirements.txt \
-    && pip install -r requirements.txt \
+ARG PIP_EXTRA_INDEX_URL
+COPY --from=requirements /build/gpu.txt requirements.txt
+RUN pip install -r requirements.txt \
     && if pip show --quiet onnxruntime; then echo "plain onnxruntime must not be in the GPU image" >&2; exit 1; fi \
     && python -c "import onnxruntime; print('onnxruntime', onnxruntime.__version__, onnxruntime.get_available_providers())"
 
 FROM deps AS deps-train
+ARG PIP_EXTRA_INDEX_URL
 # `cpu` beside `train`: the exported ONNX files are checked against ONNX Runtime after training.
-RUN python requirements.py train cpu > requirements.txt \
-    && pip install -r requirements.txt \
+COPY --from=requirements /build/train.txt requirements.txt
+RUN pip install -r requirements.txt \
     && if pip show --quiet onnxruntime-gpu; then echo "onnxruntime-gpu must not be in the train image" >&2; exit 1; fi
 
 # ---------------------------------------------------------------------------------------------------------
@@ -96,6 +116,7 @@ CMD ["--help"]
 FROM runtime AS gpu
 ARG APP_UID
 ARG APP_GID
+ARG CUDA_MAJOR
 ENV NVIDIA_DRIVER_CAPABILITIES=compute,utility
 COPY --from=deps-gpu /opt/venv /opt/venv
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
@@ -105,7 +126,7 @@ RUN find /opt/venv -type d -path '*/site-packages/nvidia/*/lib' > /etc/ld.so.con
     && test -s /etc/ld.so.conf.d/nvidia-pip-wheels.conf \
     && ldconfig \
     && ldconfig -p | grep -q 'libcudnn\.so' \
-    && ldconfig -p | grep -q 'libcudart\.so'
+    && ldconfig -p | grep -q "libcudart\\.so\\.${CUDA_MAJOR}\\b"
 # The model package (manifest schema) goes to /app/models, the model repository to /models.
 COPY models/*.py /app/models/
 COPY service/ /app/service/

@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 
-.PHONY: serve test lint train bench clean
+.PHONY: serve test test-docker docker-gpu lint train bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,16 @@ serve: $(VENV)/.serve
 test: $(VENV)/.dev $(CHROMIUM)
 	$(PY) -m ruff check .
 	$(PY) -m pytest
+
+# The deployment on a real Docker engine (tests/test_docker.py): starts an engine when none answers, builds the
+# cpu, train and load-balancer images, runs them with docker compose. Not part of `make test`.
+test-docker: $(VENV)/.dev
+	@start=$$(date +%s); $(PY) -m pytest -m docker tests/test_docker.py -s --durations=0; rc=$$?; \
+	echo "docker test: $$(( $$(date +%s) - start )) s"; exit $$rc
+
+# The GPU image (~3 GB of CUDA wheels: not built by the tests). CUDA_MAJOR=13 for driver R580 and newer.
+docker-gpu:
+	deploy/docker/build.sh gpu
 
 lint: $(VENV)/.dev
 	$(PY) -m ruff check .

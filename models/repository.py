@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,9 +26,13 @@ class ModelVersion:
         except KeyError:
             raise RepositoryError(f"{self.manifest.name} v{self.manifest.version} has no {fmt} artifact") from None
 
-    def verify(self) -> None:
-        """Check every artifact against the sha256 its manifest records."""
-        for _fmt, artifact in self.manifest.artifacts.items():
+    def verify(self, formats: Iterable[str] | None = None) -> None:
+        """Check the artifacts of `formats` (all by default) against the sha256 their manifest records.
+
+        A server checks only the format it runs: serving images hold model.onnx without model.pt."""
+        for fmt, artifact in self.manifest.artifacts.items():
+            if formats is not None and fmt not in formats:
+                continue
             path = self.path / artifact.file
             if not path.is_file():
                 raise RepositoryError(f"{path} is missing")

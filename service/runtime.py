@@ -90,7 +90,7 @@ def threads_per_worker(configured: int, workers_per_model: int) -> int:
     are idle or lightly loaded do not compete; only large batches spread over all of a worker's threads."""
     if configured > 0:
         return configured
-    return max(1, (os.cpu_count() or 1) // workers_per_model)
+    return max(1, available_cpus() // workers_per_model)
 
 
 def onnx_providers(device: str) -> list[str | tuple[str, dict[str, int]]]:
@@ -165,3 +165,35 @@ def load_runtime(backend: str, path: Path, device: str, threads: int) -> Runtime
     if backend == "torchscript":
         return TorchScriptRuntime(path, device, threads)
     return OnnxRuntime(path, device, threads)
+
+
+def available_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+    """The CPUs this process may use: its affinity mask (`taskset`, `docker --cpuset-cpus`), capped by its cgroup's
+    CPU quota (`docker --cpus`, a Kubernetes CPU limit).
+
+    os.cpu_count() counts the host's cores: a container limited to 2 CPUs on a 64-core host would otherwise run
+    32 times too many threads and spend its quota being throttled. A fractional quota rounds down (at least 1),
+    so the threads never ask for more CPU time than the quota grants."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = _cgroup_cpu_quota(cgroup_root)
+    if quota is not None:
+        cpus = min(cpus, int(quota))
+    return max(1, cpus)
+
+
+def _cgroup_cpu_quota(root: Path) -> float | None:
+    """CPUs granted by the cgroup quota (quota / period): cgroup v2 `cpu.max` ("150000 100000", or "max ..." when
+    unlimited), else cgroup v1 `cpu.cfs_quota_us` (-1 when unlimited) and `cpu.cfs_period_us`. None: no quota."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()
+    except (OSError, ValueError):
+        v1 = next((d for d in (root / "cpu", root / "cpu,cpuacct") if d.is_dir()), None)
+        if v1 is None:
+            return None
+        try:
+            quota, period = ((v1 / name).read_text().strip() for name in ("cpu.cfs_quota_us", "cpu.cfs_period_us"))
+        except OSError:
+            return None
+    if quota in ("max", "-1"):
+        return None
+    return int(quota) / int(period)

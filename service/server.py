@@ -104,7 +104,7 @@ def build_server(settings: Settings) -> NNServer:
     models = []
     for name in names:
         model = load(settings.models_dir, name)
-        model.verify()
+        model.verify([settings.backend])  # a serving image holds only the artifact it runs
         models.append(model)
     probe = models[0].artifact_path("torchscript" if settings.backend == "torchscript" else "onnx")
     device = resolve_device(settings.device, settings.backend, probe)

