@@ -33,7 +33,7 @@ pytestmark = pytest.mark.docker
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = "/usr/bin/docker" if Path("/usr/bin/docker").exists() else (shutil.which("docker") or "docker")
 SCALE_FILE = ROOT / "deploy" / "compose.scale.yml"
-STOP_GRACE_S = 30  # stop_grace_period of the serving services in docker-compose.yml
+STOP_GRACE_S = 35  # stop_grace_period of the serving services in docker-compose.yml
 RECOVERY_S = 60
 
 
