@@ -127,6 +127,18 @@ def cpu_stack(images: None, python_image: str) -> Iterator[Compose]:
 
 
 @pytest.fixture(scope="module")
+def worker_stack(images: None, python_image: str) -> Iterator[Compose]:
+    """The CPU service with its models in LitServe inference workers (the GPU default) instead of inline."""
+    compose = _compose("nnserve-test-worker", python_image, NNSERVE_EXECUTION="worker")
+    compose.down()
+    try:
+        compose.up("nnserve-cpu")
+        yield compose
+    finally:
+        compose.down()
+
+
+@pytest.fixture(scope="module")
 def local_server() -> Iterator[str]:
     with running_server() as server:
         yield server.url
@@ -213,7 +225,7 @@ def test_container_runs_as_non_root_without_torch_or_torchscript_files(cpu_stack
 
 def _service_processes(compose: Compose) -> dict[str, list[int]]:
     """The server's processes in the container, by role: `main` (python -m service, child of the init),
-    `http` (its forked API server processes) and `inference` (its spawned model workers)."""
+    `http` (its forked API server processes) and `worker` (its spawned model workers, worker mode only)."""
     script = (
         "import json, pathlib\n"
         "rows = []\n"
@@ -232,7 +244,7 @@ def _service_processes(compose: Compose) -> dict[str, list[int]]:
     return {
         "main": [main],
         "http": [pid for pid, cmd in children.items() if cmd == "python -m service"],
-        "inference": [pid for pid, cmd in children.items() if "spawn_main" in cmd],
+        "worker": [pid for pid, cmd in children.items() if "spawn_main" in cmd],
     }
 
 
@@ -246,29 +258,37 @@ def _serves_every_model(url: str) -> bool:
         return False
 
 
-@pytest.mark.parametrize("role", ["inference", "http"])
-def test_killed_server_processes_end_in_recovery_or_a_restart(cpu_stack: Compose, role: str) -> None:
-    """SIGKILL every inference worker (or every HTTP process) inside the container: within 60 s the service must
-    answer again, having recovered or exited so that the restart policy started it again; never a container
-    that stays up and does not answer."""
-    processes = _service_processes(cpu_stack)
+@pytest.mark.parametrize(
+    ("execution", "role"),
+    [("inline", "http"), ("worker", "worker"), ("worker", "http")],
+)
+def test_killed_server_processes_end_in_recovery_or_a_restart(
+    request: pytest.FixtureRequest, execution: str, role: str
+) -> None:
+    """SIGKILL every process of a role inside the container: within 60 s the service must answer again. Inline
+    mode replaces a dead HTTP process in place; worker mode exits non-zero and Docker's restart policy starts it
+    again (docs/operations.md). Never a container that stays up and does not answer."""
+    stack: Compose = request.getfixturevalue("cpu_stack" if execution == "inline" else "worker_stack")
+    processes = _service_processes(stack)
     victims = processes[role]
     assert victims, f"no {role} process found: {processes}"
-    container = cpu_stack.container("nnserve-cpu")
-    restarts = int(cpu_stack.inspect(container, "{{.RestartCount}}"))
+    container = stack.container("nnserve-cpu")
+    restarts = int(stack.inspect(container, "{{.RestartCount}}"))
     kill = f"import os; [os.kill(pid, 9) for pid in {victims}]"
-    cpu_stack("exec", "-T", "nnserve-cpu", "python", "-c", kill)
+    stack("exec", "-T", "nnserve-cpu", "python", "-c", kill)
     try:
-        answered = _answers_within(cpu_stack.url, RECOVERY_S)
-        restarted = int(cpu_stack.inspect(container, "{{.RestartCount}}")) - restarts
-        print(f"\nkilled {role} processes {victims}: a digit answered after {answered} s, {restarted} restart(s)")
+        answered = _answers_within(stack.url, RECOVERY_S)
+        restarted = int(stack.inspect(container, "{{.RestartCount}}")) - restarts
+        print(f"\nkilled {execution} {role} processes {victims}: answered after {answered} s, {restarted} restart(s)")
         assert answered is not None, f"no answer {RECOVERY_S} s after the {role} processes were killed"
-        assert _wait_for(lambda: _serves_every_model(cpu_stack.url), RECOVERY_S), "every model answers, /ready 200"
-        if restarted == 0:  # recovered in place: the killed processes were replaced
-            assert set(_service_processes(cpu_stack)[role]).isdisjoint(victims)
+        assert _wait_for(lambda: _serves_every_model(stack.url), RECOVERY_S), "every model answers, /ready 200"
+        if execution == "inline":  # recovered in place: the killed processes were replaced
+            assert restarted == 0 and set(_service_processes(stack)[role]).isdisjoint(victims)
+        else:  # the server exited non-zero and the restart policy started it again
+            assert restarted >= 1
     finally:
-        if not _serves_every_model(cpu_stack.url):  # leave a serving container to the next test
-            cpu_stack.up("--force-recreate", "nnserve-cpu")
+        if not _serves_every_model(stack.url):  # leave a serving container to the next test
+            stack.up("--force-recreate", "nnserve-cpu")
 
 
 def test_compose_stop_ends_the_service_cleanly_within_the_grace_period(cpu_stack: Compose) -> None:
