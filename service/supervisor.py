@@ -102,7 +102,9 @@ class Supervisor:
             for server_id in range(s.api_servers):
                 self._fork_http(server_id)
             self._watch()
-        except Fatal as e:
+        except Exception as e:  # a fault, or a bug of the supervisor's own: either way nothing may be left running
+            if not isinstance(e, Fatal):
+                logger.exception("supervisor failed")
             logger.error("stopping: %s", e)
             self._shutdown(grace=1.0)
             logger.error("nnserve stopped: %s", e)
@@ -152,13 +154,14 @@ class Supervisor:
         from prometheus_client import multiprocess
 
         multiprocess.mark_process_dead(p.pid)
-        started = all(state.ready[server_id] for state in self.server.state.models.values())
         for state in self.server.state.models.values():
             state.in_flight[server_id] = 0  # its requests died with it
-            if self.server.mode == "inline":
-                state.ready[server_id] = 0
-        if self.server.mode == "worker":
+        if self.server.mode == "worker":  # the queues it shared with the workers may be torn
             raise Fatal(f"HTTP server {server_id} died (exit code {p.exitcode}); restart the server")
+        # Inline mode: the HTTP servers are the model slots.
+        started = all(state.ready[server_id] for state in self.server.state.models.values())
+        for state in self.server.state.models.values():
+            state.ready[server_id] = 0
         if not started:
             raise Fatal(self._reason(f"HTTP server {server_id} exited with code {p.exitcode} before it was ready"))
         now = time.monotonic()

@@ -133,6 +133,14 @@ def test_killed_worker_answers_held_requests_at_once_and_the_server_exits_non_ze
         _assert_no_leftovers(srv)
 
 
+def test_killed_http_server_in_worker_mode_ends_the_server_non_zero() -> None:
+    with running_server(NNSERVE_EXECUTION="worker", NNSERVE_MODELS="digits") as srv:
+        os.kill(_named(srv, "nnserve-http-")[0], signal.SIGKILL)
+        assert srv.process.wait(timeout=30) == 1
+        assert "HTTP server" in _last_nnserve_line(srv.output()) and "died" in _last_nnserve_line(srv.output())
+        _assert_no_leftovers(srv)
+
+
 # --- bad artifacts and settings: a loud start-up failure, never a server that lies ----------------------------
 def _copy_repository(tmp_path: Path, names: tuple[str, ...] = ("digits",)) -> Path:
     root = tmp_path / "models"

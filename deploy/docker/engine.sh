@@ -97,5 +97,19 @@ base_image() {
     fi
 }
 
+free_space() {
+    # Every rebuild of the train image leaves gigabytes of build cache behind: a disk that fills up fails the next
+    # build half-way ("No space left on device"). Below MIN_FREE_GB, drop the cache (the images themselves stay).
+    local root free
+    root=$("$DOCKER" info --format '{{.DockerRootDir}}')
+    free=$(df --output=avail -BG "$root" | tail -n 1 | tr -dc 0-9)
+    if [ "$free" -lt "${MIN_FREE_GB:-30}" ]; then
+        log "${free} GB free under $root: pruning the build cache"
+        "$DOCKER" builder prune --all --force >/dev/null
+        "$DOCKER" image prune --force >/dev/null
+    fi
+}
+
 start_engine
+free_space
 echo "PYTHON_IMAGE=$(base_image)"
