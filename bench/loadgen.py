@@ -17,6 +17,7 @@ from typing import Any, Protocol, TypeVar
 
 HOST = "127.0.0.1"
 RECONNECT_PAUSE_S = 0.05
+CONNECT_STAGGER_S = 0.002
 # After a 503 the connection waits this long before its next request, as a client that backs off would; far
 # shorter than nnserve's Retry-After (1 s), so the offered load stays above what the server refuses at.
 REFUSED_PAUSE_S = 0.1
@@ -224,6 +225,10 @@ class _Run:
         stats, requests, n = self.stats, self.requests, len(self.requests)
         conn: Connection | None = None
         i = index
+        # Connections opened in one burst all go to whichever server process wakes first (an accept loop takes
+        # every pending one): a 2-process server then ran on one process. Clients arriving spread out, as real
+        # ones do, let every process take its share.
+        await asyncio.sleep(index * CONNECT_STAGGER_S)
         while not self.stopping:
             if conn is None or conn.closed:
                 try:
