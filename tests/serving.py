@@ -97,3 +97,15 @@ def process_name(pid: int) -> str:
     with suppress(OSError):
         return Path(f"/proc/{pid}/comm").read_text().strip()
     return ""
+
+
+def predict_multipart(url: str, name: str, pngs: list[bytes], chunk: int = 200) -> list[dict]:
+    """Classify `pngs` over /v1 in multipart requests of `chunk` images; every answer must be 200."""
+    out: list[dict] = []
+    with httpx.Client(timeout=120) as client:
+        for i in range(0, len(pngs), chunk):
+            files = [("files", (f"{j}.png", b, "image/png")) for j, b in enumerate(pngs[i : i + chunk])]
+            r = client.post(f"{url}/v1/{name}/predict", files=files)
+            assert r.status_code == 200, r.text
+            out.extend(r.json()["predictions"])
+    return out

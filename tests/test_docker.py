@@ -26,7 +26,7 @@ import pytest
 
 from bench.server import free_port
 from tests.data import cifar_test_pngs, mnist_test_pngs, weather_2015
-from tests.serving import running_server
+from tests.serving import predict_multipart, running_server
 
 pytestmark = pytest.mark.docker
 
@@ -149,17 +149,6 @@ def local_server() -> Iterator[str]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _classify(url: str, model: str, pngs: list[bytes], chunk: int = 100) -> list[dict]:
-    out: list[dict] = []
-    with httpx.Client(timeout=120) as client:
-        for i in range(0, len(pngs), chunk):
-            files = [("file", (f"{j}.png", png, "image/png")) for j, png in enumerate(pngs[i : i + chunk])]
-            r = client.post(f"{url}/v1/{model}/predict", files=files)
-            assert r.status_code == 200, r.text
-            out.extend(r.json()["predictions"])
-    return out
-
-
 def _forecast_body() -> list[dict]:
     year = weather_2015()
     return [{"series": year[i : i + 30].tolist()} for i in range(0, 300, 30)]
@@ -209,8 +198,12 @@ def test_cpu_service_is_healthy_and_ready(cpu_stack: Compose) -> None:
 def test_container_predicts_what_a_local_server_predicts(cpu_stack: Compose, local_server: str) -> None:
     digits = [png for png, _ in mnist_test_pngs(300)]
     cifar = [png for png, _ in cifar_test_pngs()[::2]]  # 259 images, every class
-    _assert_same_predictions(_classify(cpu_stack.url, "digits", digits), _classify(local_server, "digits", digits))
-    _assert_same_predictions(_classify(cpu_stack.url, "cifar", cifar), _classify(local_server, "cifar", cifar))
+    _assert_same_predictions(
+        predict_multipart(cpu_stack.url, "digits", digits), predict_multipart(local_server, "digits", digits)
+    )
+    _assert_same_predictions(
+        predict_multipart(cpu_stack.url, "cifar", cifar), predict_multipart(local_server, "cifar", cifar)
+    )
     np.testing.assert_allclose(_forecast(cpu_stack.url), _forecast(local_server), atol=1e-4)
 
 
@@ -251,8 +244,8 @@ def _service_processes(compose: Compose) -> dict[str, list[int]]:
 def _serves_every_model(url: str) -> bool:
     try:
         ready = httpx.get(f"{url}/ready", timeout=5).status_code == 200
-        digit = _classify(url, "digits", [mnist_test_pngs(1)[0][0]])
-        image = _classify(url, "cifar", [cifar_test_pngs()[0][0]])
+        digit = predict_multipart(url, "digits", [mnist_test_pngs(1)[0][0]])
+        image = predict_multipart(url, "cifar", [cifar_test_pngs()[0][0]])
         return ready and len(digit) == len(image) == 1 and len(_forecast(url)) == 10
     except (httpx.TransportError, AssertionError):
         return False

@@ -25,7 +25,7 @@ from bench.server import process_tree
 from service.config import Settings
 from service.runtime import DeviceError, resolve_device
 from tests.data import cifar_test_pngs, mnist_test_pngs, weather_2015
-from tests.serving import ROOT, RunningServer, running_server
+from tests.serving import ROOT, RunningServer, predict_multipart, running_server
 
 
 def offline_probs(name: str, pngs: list[bytes]) -> np.ndarray:
@@ -36,17 +36,6 @@ def offline_probs(name: str, pngs: list[bytes]) -> np.ndarray:
     logits = session.run(None, {session.get_inputs()[0].name: x.astype(np.float32)})[0]
     e = np.exp(logits - logits.max(axis=1, keepdims=True))
     return e / e.sum(axis=1, keepdims=True)
-
-
-def predict_multipart(url: str, name: str, pngs: list[bytes], chunk: int = 200) -> list[dict]:
-    out: list[dict] = []
-    with httpx.Client(timeout=60) as client:
-        for i in range(0, len(pngs), chunk):
-            files = [("files", (f"{j}.png", b, "image/png")) for j, b in enumerate(pngs[i : i + chunk])]
-            r = client.post(f"{url}/v1/{name}/predict", files=files)
-            assert r.status_code == 200, r.text
-            out.extend(r.json()["predictions"])
-    return out
 
 
 def assert_error(r: httpx.Response, status: int, code: str) -> None:

@@ -17,8 +17,8 @@ from tritonclient.utils import InferenceServerException
 import models
 from bench.payloads import model_inputs
 from tests.data import cifar_test_pngs, mnist_test_pngs, weather_2015
-from tests.serving import RunningServer, running_server
-from tests.test_service import assert_still_serving, predict_multipart
+from tests.serving import RunningServer, predict_multipart, running_server
+from tests.test_service import assert_still_serving
 from tests.test_v2_codec import classes
 
 CHUNK = 64  # images per v2 request
