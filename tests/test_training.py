@@ -18,6 +18,7 @@ from pydantic import ValidationError
 import models
 from models import Manifest
 from tests.data import cifar_test, data_dir, mnist_test
+from training import data
 from training.__main__ import build_parser, config_from_args, main
 from training.checkpoint import KEYS, load_checkpoint, load_model
 from training.config import CifarConfig, DigitsConfig, SequenceConfig
@@ -115,8 +116,10 @@ def test_truncated_mnist_says_what_was_expected(tmp_path: Path) -> None:
         load_mnist(tmp_path)
 
 
-def test_missing_weather_csv_names_the_expected_file(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match=r"timeseries/seattle-weather-daily\.csv is missing"):
+def test_missing_weather_csv_names_the_expected_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The series ships with the package; only a data folder without it and no bundled copy is an error.
+    monkeypatch.setattr(data, "BUNDLED_WEATHER_CSV", tmp_path / "absent.csv")
+    with pytest.raises(DataError, match=r"absent\.csv is missing"):
         load_weather(tmp_path)
 
 
