@@ -109,3 +109,8 @@ def predict_multipart(url: str, name: str, pngs: list[bytes], chunk: int = 200) 
             assert r.status_code == 200, r.text
             out.extend(r.json()["predictions"])
     return out
+
+
+def metric_sum(text: str, name: str) -> float:
+    """The sum of every sample of a Prometheus text exposition named exactly `name` (labels included); 0 if none."""
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))

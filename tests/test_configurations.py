@@ -22,14 +22,13 @@ from service.config import Settings
 from service.dataplane import ModelState
 from service.errors import ApiError
 from tests.data import mnist_test, mnist_test_pngs
-from tests.serving import ROOT, RunningServer, process_name, running_server
+from tests.serving import ROOT, RunningServer, metric_sum, process_name, running_server
 
 PNG = {"Content-Type": "image/png"}
 
 
 def _metric(srv: RunningServer, name: str) -> float:
-    text = httpx.get(f"{srv.url}/metrics").text
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+    return metric_sum(httpx.get(f"{srv.url}/metrics").text, name)
 
 
 def _cpu_seconds(pid: int) -> float:

@@ -20,7 +20,7 @@ import pytest
 
 from bench.server import process_tree
 from tests.data import cifar_test_pngs, mnist_test_pngs
-from tests.serving import ROOT, RunningServer, group_members, process_name, running_server
+from tests.serving import ROOT, RunningServer, group_members, metric_sum, process_name, running_server
 
 PNG = {"Content-Type": "image/png"}
 
@@ -63,10 +63,6 @@ def _assert_no_leftovers(srv: RunningServer, within: float = 10.0) -> None:
     while (left := group_members(srv.process.pid)) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert left == [], f"left running: {[(pid, process_name(pid)) for pid in left]}"
-
-
-def _sample(text: str, name: str) -> float:
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
 
 
 def _last_nnserve_line(output: str) -> str:
@@ -223,8 +219,8 @@ def test_sigterm_finishes_in_flight_work_refuses_new_and_exits_zero() -> None:
         def accepted() -> float:
             """Requests answered 200 plus those in flight (64 items each)."""
             text = httpx.get(f"{srv.url}/metrics").text
-            done = _sample(text, 'nnserve_requests_total{endpoint="/v1/cifar/predict",status="200"}')
-            return done + _sample(text, 'nnserve_items_in_flight{model="cifar"}') / 64
+            done = metric_sum(text, 'nnserve_requests_total{endpoint="/v1/cifar/predict",status="200"}')
+            return done + metric_sum(text, 'nnserve_items_in_flight{model="cifar"}') / 64
 
         with ThreadPoolExecutor(32) as pool:
             futures = [pool.submit(send, i) for i in range(32)]
