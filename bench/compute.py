@@ -29,6 +29,10 @@ def _session(model_path: Path, device: str, threads: int) -> Any:
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+    if device == "cuda":
+        from service.runtime import load_cuda_libraries
+
+        load_cuda_libraries()
     return ort.InferenceSession(str(model_path), options, providers=providers)
 
 

@@ -5,10 +5,13 @@ torch is imported only by the TorchScript backend, so the default ONNX path serv
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
 import shutil
 import subprocess
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -64,6 +67,7 @@ def _cuda_usable(backend: str, probe: Path) -> tuple[bool, str]:
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return False, "this onnxruntime has no CUDAExecutionProvider (install the `gpu` extra: onnxruntime-gpu)"
+    load_cuda_libraries()
     try:
         session = ort.InferenceSession(str(probe), providers=onnx_providers("cuda"))
     except Exception as e:  # onnxruntime raises its own exception types
@@ -71,6 +75,23 @@ def _cuda_usable(backend: str, probe: Path) -> tuple[bool, str]:
     if session.get_providers()[0] != "CUDAExecutionProvider":
         return False, f"ONNX Runtime fell back to {session.get_providers()} (driver or CUDA libraries unusable)"
     return True, ""
+
+
+@functools.cache
+def load_cuda_libraries() -> None:
+    """Load the CUDA and cuDNN libraries that onnxruntime-gpu's CUDA provider needs, once per process.
+
+    The provider finds libcudart, libcublas and libcudnn by soname alone (it has no RUNPATH), so NVIDIA's pip wheels
+    (`onnxruntime-gpu[cuda,cudnn]`, what the `gpu` extra installs) sit in site-packages where the loader never
+    looks, and every session would fall back to the CPU. `preload_dlls()` (ONNX Runtime 1.21 and later) loads them
+    from there, else by the default search path (a CUDA install, or the image's ldconfig entries). It prints what
+    it cannot load; that goes to stderr, beside the server's own log lines."""
+    import onnxruntime as ort
+
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:
+        with contextlib.redirect_stdout(sys.stderr):
+            preload()
 
 
 def resolve_device(setting: str, backend: str, probe: Path) -> Device:
@@ -136,6 +157,8 @@ class OnnxRuntime:
         options.log_severity_level = 3
         # The arena keeps the largest batch's buffers for good; without it memory follows the load.
         options.enable_cpu_mem_arena = False
+        if device.startswith("cuda"):
+            load_cuda_libraries()
         return ort.InferenceSession(str(path), options, providers=onnx_providers(device))
 
     def run(self, x: np.ndarray) -> np.ndarray:

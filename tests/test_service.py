@@ -23,7 +23,7 @@ import models
 from bench.payloads import model_inputs, png_bytes
 from bench.server import process_tree
 from service.config import Settings
-from service.runtime import DeviceError, resolve_device
+from service.runtime import DeviceError, load_cuda_libraries, resolve_device
 from tests.data import cifar_test_pngs, mnist_test_pngs, weather_2015
 from tests.serving import ROOT, RunningServer, predict_multipart, running_server
 
@@ -465,6 +465,29 @@ def test_device_selection() -> None:
     with running_server(wait=False, NNSERVE_DEVICE="cuda") as srv:
         assert srv.process.wait(timeout=60) != 0
         assert "NNSERVE_DEVICE=cuda" in srv.output() and "no GPU is usable" in srv.output()
+
+
+def test_cuda_libraries_load_once_reporting_on_stderr(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """onnxruntime-gpu finds the CUDA libraries of NVIDIA's wheels only through preload_dlls(): it is called once
+    per process, before the first CUDA session, and what it prints stays off stdout."""
+    import onnxruntime as ort
+
+    calls: list[int] = []
+
+    def preload_dlls() -> None:
+        calls.append(1)
+        print("Failed to load libcudart.so.13")
+
+    monkeypatch.setattr(ort, "preload_dlls", preload_dlls, raising=False)
+    load_cuda_libraries.cache_clear()
+    try:
+        load_cuda_libraries()
+        load_cuda_libraries()
+    finally:
+        load_cuda_libraries.cache_clear()
+    out = capsys.readouterr()
+    assert calls == [1]
+    assert "libcudart.so.13" in out.err and out.out == ""
 
 
 def test_serving_imports_no_torch() -> None:

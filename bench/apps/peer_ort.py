@@ -41,6 +41,8 @@ def _session(path: Path, device: str) -> ort.InferenceSession:
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+    if device == "cuda":
+        ort.preload_dlls()  # what ONNX Runtime's install guide says to do with NVIDIA's pip wheels
     return ort.InferenceSession(str(path), options, providers=providers)
 
 
