@@ -30,6 +30,12 @@ logger = logging.getLogger("nnserve")
 # Largest single model call; bigger batches run in slices. Past 64 items a CPU gains nothing per item,
 # while activation memory keeps growing with the batch.
 MAX_MODEL_BATCH = 64
+# A GPU still gains past 64 (ONNX Runtime CUDA on one H100: 268k digits/s at batch 64, 408k at 128). There every
+# call is padded up to a power of two, and each of those sizes is run once before the worker reports ready: a
+# new input shape makes ONNX Runtime pick kernels again (cuDNN times every convolution algorithm), and with
+# batch sizes that vary call to call, batching ran cifar at 84 req/s against 951 with batching off.
+GPU_MODEL_BATCH = 128
+GPU_BATCH_SIZES = tuple(2**i for i in range(GPU_MODEL_BATCH.bit_length()))
 
 NOT_FINITE = "the model's output is not finite for this input: its values are far outside what the model takes"
 
@@ -54,6 +60,7 @@ class ModelAPI(ls.LitAPI):
         self.state = state
         self.errors: Any = None  # where a failed setup says why (set by the server, shared with the supervisor)
         self.runtime: Runtime | None = None
+        self.on_gpu = False  # set by setup, in the process that runs the model
 
     @property
     def name(self) -> str:
@@ -80,8 +87,10 @@ class ModelAPI(ls.LitAPI):
             if self.errors is not None:
                 self.errors.put(f"model {self.name} could not be loaded: {e}")
             raise
-        # First calls allocate and pick kernels (on both the one-thread and the wide session): pay before ready.
-        for n in (1, 8, 64):
+        self.on_gpu = device.startswith("cuda")
+        # First calls allocate and pick kernels (on both the one-thread and the wide session; on a GPU for every
+        # padded size): pay before ready.
+        for n in GPU_BATCH_SIZES if self.on_gpu else (1, 8, 64):
             self.run(self.warmup_batch(n))
         logger.info(
             "model %s v%s ready: %s on %s via %s (%d threads)",
@@ -116,10 +125,20 @@ class ModelAPI(ls.LitAPI):
         raise NotImplementedError
 
     def run(self, x: np.ndarray) -> np.ndarray:
+        step = GPU_MODEL_BATCH if self.on_gpu else MAX_MODEL_BATCH
+        if len(x) <= step:
+            return self._call(x)
+        return np.concatenate([self._call(x[i : i + step]) for i in range(0, len(x), step)])
+
+    def _call(self, x: np.ndarray) -> np.ndarray:
         assert self.runtime is not None
-        if len(x) <= MAX_MODEL_BATCH:
+        n = len(x)
+        size = 1 << (n - 1).bit_length()
+        if not self.on_gpu or size == n:
             return self.runtime.run(x)
-        return np.concatenate([self.runtime.run(x[i : i + MAX_MODEL_BATCH]) for i in range(0, len(x), MAX_MODEL_BATCH)])
+        padded = np.zeros((size, *x.shape[1:]), dtype=x.dtype)
+        padded[:n] = x
+        return self.runtime.run(padded)[:n]
 
     def predict(self, requests: list[dict[str, Any]]) -> list[Any]:
         """Run all requests' items in one model call; if that fails, run each alone so one cannot sink the rest."""

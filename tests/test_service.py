@@ -22,6 +22,7 @@ from PIL import Image
 import models
 from bench.payloads import model_inputs, png_bytes
 from bench.server import process_tree
+from service.api import GPU_BATCH_SIZES, ModelAPI
 from service.config import Settings
 from service.runtime import DeviceError, load_cuda_libraries, resolve_device
 from tests.data import cifar_test_pngs, mnist_test_pngs, weather_2015
@@ -488,6 +489,36 @@ def test_cuda_libraries_load_once_reporting_on_stderr(monkeypatch: pytest.Monkey
     out = capsys.readouterr()
     assert calls == [1]
     assert "libcudart.so.13" in out.err and out.out == ""
+
+
+def test_gpu_model_calls_take_a_few_padded_sizes() -> None:
+    """On a GPU every model call is padded up to a power of two (at most 128 rows, larger batches in slices), so
+    the runtime sees only the sizes warmed at start; the padding never reaches an answer. On a CPU calls go as
+    they come, in slices of 64."""
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.providers, self.input_shape = ["recorder"], None
+            self.sizes: list[int] = []
+
+        def run(self, x: np.ndarray) -> np.ndarray:
+            self.sizes.append(len(x))
+            return x.sum(axis=1, keepdims=True)
+
+    api = object.__new__(ModelAPI)  # the model-call path alone: no manifest, no server
+    api.runtime = recorder = Recorder()
+    x = np.arange(300 * 3, dtype=np.float32).reshape(300, 3) + 1
+    for on_gpu, sizes in ((True, [128, 128, 64]), (False, [64, 64, 64, 64, 44])):
+        api.on_gpu = on_gpu
+        recorder.sizes.clear()
+        np.testing.assert_array_equal(api.run(x), x.sum(axis=1, keepdims=True))
+        assert recorder.sizes == sizes
+    api.on_gpu = True
+    for n in (1, 3, 100):
+        recorder.sizes.clear()
+        assert api.run(x[:n]).shape == (n, 1)
+        assert recorder.sizes[0] in GPU_BATCH_SIZES and recorder.sizes[0] >= n
+    assert GPU_BATCH_SIZES == (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 def test_serving_imports_no_torch() -> None:
