@@ -31,11 +31,22 @@ logger = logging.getLogger("nnserve")
 # while activation memory keeps growing with the batch.
 MAX_MODEL_BATCH = 64
 # A GPU still gains past 64 (ONNX Runtime CUDA on one H100: 268k digits/s at batch 64, 408k at 128). There every
-# call is padded up to a power of two, and each of those sizes is run once before the worker reports ready: a
-# new input shape makes ONNX Runtime pick kernels again (cuDNN times every convolution algorithm), and with
-# batch sizes that vary call to call, batching ran cifar at 84 req/s against 951 with batching off.
+# call is padded up to one of a few sizes, each run once before the worker reports ready, because a new input
+# shape makes a runtime pick kernels again (cuDNN times every convolution algorithm). TorchScript takes powers of
+# two (batching gained 2.8x on digits and 4.7x on cifar at c=64). ONNX Runtime takes one size, the only way it was
+# seen fast on one H100: a repeated batch of 64 digits ran 0.35 ms per call, while calls whose size changed each
+# time ran 25-39 ms (its CPU arena then off), and in the server, padded to powers of two, batching served cifar at
+# 151-198 req/s against 964 with batching off.
 GPU_MODEL_BATCH = 128
 GPU_BATCH_SIZES = tuple(2**i for i in range(GPU_MODEL_BATCH.bit_length()))
+
+
+def padded_sizes(backend: str, on_gpu: bool) -> tuple[int, ...]:
+    """The batch sizes a model call is padded to, smallest first; none: calls go as they come (a CPU)."""
+    if not on_gpu:
+        return ()
+    return (GPU_MODEL_BATCH,) if backend == "onnx" else GPU_BATCH_SIZES
+
 
 NOT_FINITE = "the model's output is not finite for this input: its values are far outside what the model takes"
 
@@ -61,6 +72,7 @@ class ModelAPI(ls.LitAPI):
         self.errors: Any = None  # where a failed setup says why (set by the server, shared with the supervisor)
         self.runtime: Runtime | None = None
         self.on_gpu = False  # set by setup, in the process that runs the model
+        self.sizes: tuple[int, ...] = ()
 
     @property
     def name(self) -> str:
@@ -88,9 +100,10 @@ class ModelAPI(ls.LitAPI):
                 self.errors.put(f"model {self.name} could not be loaded: {e}")
             raise
         self.on_gpu = device.startswith("cuda")
+        self.sizes = padded_sizes(self.backend, self.on_gpu)
         # First calls allocate and pick kernels (on both the one-thread and the wide session; on a GPU for every
         # padded size): pay before ready.
-        for n in GPU_BATCH_SIZES if self.on_gpu else (1, 8, 64):
+        for n in self.sizes or (1, 8, 64):
             self.run(self.warmup_batch(n))
         logger.info(
             "model %s v%s ready: %s on %s via %s (%d threads)",
@@ -133,8 +146,8 @@ class ModelAPI(ls.LitAPI):
     def _call(self, x: np.ndarray) -> np.ndarray:
         assert self.runtime is not None
         n = len(x)
-        size = 1 << (n - 1).bit_length()
-        if not self.on_gpu or size == n:
+        size = next((s for s in self.sizes if s >= n), n)
+        if size == n:
             return self.runtime.run(x)
         padded = np.zeros((size, *x.shape[1:]), dtype=x.dtype)
         padded[:n] = x

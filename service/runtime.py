@@ -159,8 +159,7 @@ class OnnxRuntime:
             load_cuda_libraries()
         else:
             # The arena keeps the largest batch's buffers for good; without it memory follows the load. Not on a
-            # GPU: there the CUDA provider's pinned host buffers come from it too, and without it every call
-            # allocated and freed them (cudaFreeHost waits for the device): 25 ms per digits call on an H100.
+            # GPU, where the CUDA provider's pinned host buffers come from it too.
             options.enable_cpu_mem_arena = False
         return ort.InferenceSession(str(path), options, providers=onnx_providers(device))
 

@@ -22,7 +22,7 @@ from PIL import Image
 import models
 from bench.payloads import model_inputs, png_bytes
 from bench.server import process_tree
-from service.api import GPU_BATCH_SIZES, ModelAPI
+from service.api import GPU_BATCH_SIZES, ModelAPI, padded_sizes
 from service.config import Settings
 from service.runtime import DeviceError, load_cuda_libraries, resolve_device
 from tests.data import cifar_test_pngs, mnist_test_pngs, weather_2015
@@ -492,9 +492,9 @@ def test_cuda_libraries_load_once_reporting_on_stderr(monkeypatch: pytest.Monkey
 
 
 def test_gpu_model_calls_take_a_few_padded_sizes() -> None:
-    """On a GPU every model call is padded up to a power of two (at most 128 rows, larger batches in slices), so
-    the runtime sees only the sizes warmed at start; the padding never reaches an answer. On a CPU calls go as
-    they come, in slices of 64."""
+    """On a GPU every model call is padded up to a size warmed at start (at most 128 rows, larger batches in
+    slices): powers of two for TorchScript, 128 alone for ONNX Runtime. The padding never reaches an answer. On a
+    CPU calls go as they come, in slices of 64."""
 
     class Recorder:
         def __init__(self) -> None:
@@ -505,20 +505,27 @@ def test_gpu_model_calls_take_a_few_padded_sizes() -> None:
             self.sizes.append(len(x))
             return x.sum(axis=1, keepdims=True)
 
+    assert padded_sizes("onnx", on_gpu=False) == padded_sizes("torchscript", on_gpu=False) == ()
+    assert padded_sizes("onnx", on_gpu=True) == (128,)
+    assert padded_sizes("torchscript", on_gpu=True) == GPU_BATCH_SIZES == (1, 2, 4, 8, 16, 32, 64, 128)
     api = object.__new__(ModelAPI)  # the model-call path alone: no manifest, no server
     api.runtime = recorder = Recorder()
     x = np.arange(300 * 3, dtype=np.float32).reshape(300, 3) + 1
-    for on_gpu, sizes in ((True, [128, 128, 64]), (False, [64, 64, 64, 64, 44])):
-        api.on_gpu = on_gpu
+    cases = [
+        ("onnx", True, [128, 128, 128]),
+        ("torchscript", True, [128, 128, 64]),
+        ("onnx", False, [64, 64, 64, 64, 44]),
+    ]
+    for backend, on_gpu, sizes in cases:
+        api.on_gpu, api.sizes = on_gpu, padded_sizes(backend, on_gpu)
         recorder.sizes.clear()
         np.testing.assert_array_equal(api.run(x), x.sum(axis=1, keepdims=True))
         assert recorder.sizes == sizes
-    api.on_gpu = True
+    api.on_gpu, api.sizes = True, GPU_BATCH_SIZES
     for n in (1, 3, 100):
         recorder.sizes.clear()
         assert api.run(x[:n]).shape == (n, 1)
-        assert recorder.sizes[0] in GPU_BATCH_SIZES and recorder.sizes[0] >= n
-    assert GPU_BATCH_SIZES == (1, 2, 4, 8, 16, 32, 64, 128)
+        assert recorder.sizes == [1 << (n - 1).bit_length()]
 
 
 def test_serving_imports_no_torch() -> None:
