@@ -494,7 +494,8 @@ def test_cuda_libraries_load_once_reporting_on_stderr(monkeypatch: pytest.Monkey
 def test_gpu_model_calls_take_a_few_padded_sizes() -> None:
     """On a GPU every model call is padded up to a size warmed at start (at most 128 rows, larger batches in
     slices): powers of two for TorchScript, 128 alone for ONNX Runtime. The padding never reaches an answer. On a
-    CPU calls go as they come, in slices of 64."""
+    CPU calls go as they come, in slices of 32. Several arrays are sliced across, in order, without being joined
+    first."""
 
     class Recorder:
         def __init__(self) -> None:
@@ -514,13 +515,17 @@ def test_gpu_model_calls_take_a_few_padded_sizes() -> None:
     cases = [
         ("onnx", True, [128, 128, 128]),
         ("torchscript", True, [128, 128, 64]),
-        ("onnx", False, [64, 64, 64, 64, 44]),
+        ("onnx", False, [32] * 9 + [12]),
     ]
     for backend, on_gpu, sizes in cases:
         api.on_gpu, api.sizes = on_gpu, padded_sizes(backend, on_gpu)
         recorder.sizes.clear()
         np.testing.assert_array_equal(api.run(x), x.sum(axis=1, keepdims=True))
         assert recorder.sizes == sizes
+    parts = [x[:10], x[10:11], x[11:200], x[200:]]
+    recorder.sizes.clear()
+    np.testing.assert_array_equal(api.run(parts, prepare=lambda a: a * 2), 2 * x.sum(axis=1, keepdims=True))
+    assert recorder.sizes == [32] * 9 + [12]
     api.on_gpu, api.sizes = True, GPU_BATCH_SIZES
     for n in (1, 3, 100):
         recorder.sizes.clear()
