@@ -1,7 +1,8 @@
 """The page at `/` and the offline `/docs`, in a real browser: Debian's chromium driven by Playwright.
 
 Every page is watched: each request it makes is recorded, and any to a host but the server is aborted and fails
-the test. Screenshots land in docs/images/ for the README.
+the test. Screenshots go to $NNSERVE_SCREENSHOTS (the README's come from `NNSERVE_SCREENSHOTS=docs/images`), else
+to the system's temporary folder, so a test run leaves the checkout as it was.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,10 +24,10 @@ from playwright.sync_api import Browser, Page, Request, Route, sync_playwright
 
 from service import web
 from tests.data import CIFAR10_CLASSES, data_dir, mnist_test, weather_2015
-from tests.serving import ROOT, RunningServer, running_server
+from tests.serving import RunningServer, running_server
 
 CHROMIUM = Path(os.environ.get("NNSERVE_CHROMIUM", "/usr/bin/chromium"))
-IMAGES = ROOT / "docs" / "images"
+IMAGES = Path(os.environ.get("NNSERVE_SCREENSHOTS") or Path(tempfile.gettempdir()) / "nnserve-screenshots")
 N_DIGITS = 50
 MIN_DIGITS_RIGHT = 45  # 90 %
 API_KEY = "web-test-key"
@@ -38,6 +40,7 @@ def browser() -> Iterator[Browser]:
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)
+    IMAGES.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as playwright:
         # --no-sandbox: chromium refuses to start as root (containers, CI) with its sandbox on.
         launched = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
