@@ -7,11 +7,14 @@ the public API does not give it. `tests/test_litserve_adapter.py` pins every one
 that changes any fails there with the symbol's name, and the upgrade is a one-file job.
 
 1. `LitServer._init_manager` and the attributes it sets (`litapi_request_queues`, `_shutdown_event`, `_transport`,
-   `workers_setup_status`), with `litserve.transport.process_transport.MPQueueTransport(manager, queues)`.
-   LitServe routes every queue operation through a multiprocessing manager process: a blocking round trip through
-   a third process per put and get (six per request, the manager alone used 25% of a core), and some 50 MB for the
-   process. nnserve builds the same attributes over plain `multiprocessing` queues. Public API: only `fast_queue`
-   (ZeroMQ), which 0.2.19 ignores (`TransportConfig(transport_config=...)` should be `transport_type`).
+   `workers_setup_status`), with `litserve.transport.process_transport.MPQueueTransport(manager, queues)`, its
+   `_queues` and `_closed`, and `areceive(consumer_id, timeout, block)` as LitServe's `response_queue_to_buffer`
+   calls it (`None` when nothing came). LitServe routes every queue operation through a multiprocessing manager
+   process: a blocking round trip through a third process per put and get (six per request, the manager alone
+   used 25% of a core), and some 50 MB for the process. nnserve builds the same attributes over plain
+   `multiprocessing` queues, and its transport hands over every answer already queued in one thread hop where
+   LitServe's takes one hop per answer. Public API: only `fast_queue` (ZeroMQ), which 0.2.19 ignores
+   (`TransportConfig(transport_config=...)` should be `transport_type`).
 2. `LitServer.launch_inference_worker(lit_api) -> list[Process]`, `LitServer.devices` and
    `LitServer._inference_workers_config_for_api(api_path)`: start the workers of one API. `LitServer.run` does it
    inside a loop nnserve cannot supervise (its worker monitor neither restarts nor exits, see `serve` in
@@ -41,6 +44,7 @@ import multiprocessing as mp
 import pickle
 import time
 import uuid
+from collections import deque
 from multiprocessing.process import BaseProcess
 from queue import Empty, Queue
 from typing import Any
@@ -55,6 +59,7 @@ from litserve.utils import LitAPIStatus, ResponseBufferItem
 from starlette.middleware.gzip import GZipMiddleware
 
 IDLE_POLL_S = 1.0  # how often an idle worker wakes to notice shutdown
+RESPONSE_POLL_S = 1.0  # how often a reader of answers wakes to notice shutdown (LitServe's own reader: 1 s)
 
 
 class WorkerFailure(Exception):
@@ -72,6 +77,47 @@ class NoManager:
         pass
 
 
+class DrainingTransport(MPQueueTransport):
+    """LitServe's queue transport, except that a reader takes every answer already queued in one thread hop.
+
+    LitServe reads answers with one `asyncio.to_thread(queue.get)` each, so a batch of N answers makes N trips
+    through the default executor, each waiting its turn on a busy event loop (point 1 above)."""
+
+    def __init__(self, manager: Any, queues: list[Any]) -> None:
+        super().__init__(manager, queues)
+        self._ready: dict[int, deque[Any]] = {}
+
+    async def areceive(self, consumer_id: int, timeout: float | None = None, block: bool = True) -> Any:
+        ready = self._ready.setdefault(consumer_id, deque())
+        if not ready:
+            if self._closed:
+                raise asyncio.CancelledError("Transport closed")
+            wait = RESPONSE_POLL_S if timeout is None else min(timeout, RESPONSE_POLL_S)
+            ready.extend(await asyncio.to_thread(self._drain, self._queues[consumer_id], wait))
+            if not ready:
+                if self._closed:
+                    raise asyncio.CancelledError("Transport closed")
+                if timeout is not None:
+                    raise Empty
+                return None
+        return ready.popleft()
+
+    @staticmethod
+    def _drain(queue: Any, wait: float) -> list[Any]:
+        try:
+            items = [queue.get(timeout=wait)]
+        except Empty:
+            return []
+        while True:
+            try:
+                items.append(queue.get_nowait())
+            except Empty:
+                return items
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (DrainingTransport, (None, self._queues))
+
+
 class AdaptedServer(ls.LitServer):
     """`LitServer` with plain-pipe queues, no GZip, and route hooks left to the subclass."""
 
@@ -82,7 +128,7 @@ class AdaptedServer(ls.LitServer):
         self._shutdown_event = ctx.Event()
         for api in self.litapi_connector:
             self.litapi_request_queues[api.api_path] = ctx.Queue()
-        self._transport = MPQueueTransport(None, [ctx.Queue() for _ in range(num_api_servers)])
+        self._transport = DrainingTransport(None, [ctx.Queue() for _ in range(num_api_servers)])
         return NoManager()
 
     def _register_middleware(self) -> None:

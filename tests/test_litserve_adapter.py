@@ -57,6 +57,16 @@ def test_private_symbols_exist_with_the_shapes_the_adapter_needs() -> None:
     _require(_parameters(server._register_middleware) == ["self"], "LitServer._register_middleware", "signature")
     _require(_parameters(server.lifespan) == ["self", "app"], "LitServer.lifespan", "signature")
     _require(_parameters(MPQueueTransport.__init__) == ["self", "manager", "queues"], "MPQueueTransport", "signature")
+    _require(
+        _parameters(MPQueueTransport.areceive) == ["self", "consumer_id", "timeout", "block"],
+        "MPQueueTransport.areceive",
+        "signature",
+    )
+    transport = MPQueueTransport(None, [Queue()])
+    _require(isinstance(getattr(transport, "_queues", None), list), "MPQueueTransport._queues", "missing")
+    _require(getattr(transport, "_closed", None) is False, "MPQueueTransport._closed", "missing")
+    reader = inspect.getsource(ls.server.response_queue_to_buffer)
+    _require("transport.areceive(consumer_id)" in reader, "litserve.server.response_queue_to_buffer", "its read")
     _require(base._SENTINEL_VALUE == (None, None, None, None), "litserve.loops.base._SENTINEL_VALUE", "value")
     _require(issubclass(base._StopLoopError, Exception), "litserve.loops.base._StopLoopError", "not an exception")
     _require(
@@ -220,6 +230,77 @@ def test_exchange_reads_answers_errors_and_worker_failure() -> None:
         with pytest.raises(WorkerFailure):
             await asyncio.wait_for(task, 1.0)  # the dead worker is noticed within a poll, not a timeout
         assert server.response_buffer == {}
+
+    asyncio.run(scenario())
+
+
+def test_answers_already_queued_are_read_in_one_thread_hop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The HTTP side's transport hands LitServe's own reader every answer already queued after one trip to a
+    thread, in order; an empty read is None (as LitServe's transport answers), and a closed one stops the reader."""
+    from service import litserve_adapter
+    from service.litserve_adapter import DrainingTransport
+
+    monkeypatch.setattr(litserve_adapter, "RESPONSE_POLL_S", 0.05)
+    drains: list[int] = []
+    real_drain = DrainingTransport._drain
+
+    def counted(queue: Any, wait: float) -> list[Any]:
+        items = real_drain(queue, wait)
+        drains.append(len(items))
+        return items
+
+    monkeypatch.setattr(DrainingTransport, "_drain", staticmethod(counted))
+    queue: Queue = Queue()
+    transport = DrainingTransport(None, [queue])
+    for i in range(5):
+        transport.send(("uid", i), 0)
+
+    async def scenario() -> None:
+        assert [await transport.areceive(0) for _ in range(5)] == [("uid", i) for i in range(5)]
+        assert drains == [5]
+        assert await transport.areceive(0) is None
+        transport.close(send_sentinel=False)
+        with pytest.raises(asyncio.CancelledError):
+            await transport.areceive(0)
+
+    asyncio.run(scenario())
+    assert transport.__reduce__()[0] is DrainingTransport  # a worker receives the same class
+
+
+def test_litserve_reader_delivers_a_batch_of_answers_through_the_transport() -> None:
+    """LitServe's `response_queue_to_buffer`, fed by the adapter's transport as a worker answers a batch: every
+    waiting request gets its answer."""
+    from litserve.server import response_queue_to_buffer
+    from litserve.utils import LitAPIStatus, LoopResponseType, ResponseBufferItem
+
+    from service.litserve_adapter import AdaptedServer
+
+    class Server(AdaptedServer):
+        def register_routes(self) -> None: ...
+
+        def register_predict_route(self, lit_api: ls.LitAPI) -> None: ...
+
+    class Echo(ls.LitAPI):
+        def setup(self, device: str) -> None: ...
+
+        def predict(self, x: Any) -> Any:
+            return x
+
+    server = Server(Echo(api_path="/echo"), accelerator="cpu", devices=1)
+    server.init_queues(1)
+
+    async def scenario() -> None:
+        uids = [f"u{i}" for i in range(40)]
+        for uid in uids:
+            server.response_buffer[uid] = ResponseBufferItem(asyncio.Event())
+        reader = asyncio.create_task(
+            response_queue_to_buffer(server._transport, server.response_buffer, 0, server.litapi_connector)
+        )
+        for i, uid in enumerate(uids):
+            server._transport.send((uid, (i, LitAPIStatus.OK, LoopResponseType.REGULAR, 0)), 0)
+        await asyncio.wait_for(asyncio.gather(*(server.response_buffer[u].event.wait() for u in uids)), 5)
+        assert [server.response_buffer[u].response[0] for u in uids] == list(range(40))
+        reader.cancel()
 
     asyncio.run(scenario())
 
