@@ -184,11 +184,9 @@ def test_loop_times_out_requests_that_waited_too_long() -> None:
     assert [uid for _, uid, _ in batch] == ["new"] and timed_out == [(0, "old")]
 
 
-def test_exchange_reads_answers_errors_and_worker_failure() -> None:
-    """The request/answer convention of the adapter, driven by hand as a worker would answer."""
-    from litserve.utils import LitAPIStatus
-
-    from service.litserve_adapter import AdaptedServer, WorkerFailure
+def _echo_server() -> tuple[Any, ls.LitAPI]:
+    """A real LitServer built by the adapter around one echoing API at /echo, with no routes of its own."""
+    from service.litserve_adapter import AdaptedServer
 
     class Server(AdaptedServer):
         def register_routes(self) -> None: ...
@@ -202,7 +200,16 @@ def test_exchange_reads_answers_errors_and_worker_failure() -> None:
             return x
 
     api = Echo(api_path="/echo")
-    server = Server(api, accelerator="cpu", devices=1)
+    return Server(api, accelerator="cpu", devices=1), api
+
+
+def test_exchange_reads_answers_errors_and_worker_failure() -> None:
+    """The request/answer convention of the adapter, driven by hand as a worker would answer."""
+    from litserve.utils import LitAPIStatus
+
+    from service.litserve_adapter import WorkerFailure
+
+    server, api = _echo_server()
     server.init_queues(1)
     server.set_api_server_id(server.app, 0)
     queue = server.litapi_request_queues["/echo"]
@@ -273,20 +280,7 @@ def test_litserve_reader_delivers_a_batch_of_answers_through_the_transport() -> 
     from litserve.server import response_queue_to_buffer
     from litserve.utils import LitAPIStatus, LoopResponseType, ResponseBufferItem
 
-    from service.litserve_adapter import AdaptedServer
-
-    class Server(AdaptedServer):
-        def register_routes(self) -> None: ...
-
-        def register_predict_route(self, lit_api: ls.LitAPI) -> None: ...
-
-    class Echo(ls.LitAPI):
-        def setup(self, device: str) -> None: ...
-
-        def predict(self, x: Any) -> Any:
-            return x
-
-    server = Server(Echo(api_path="/echo"), accelerator="cpu", devices=1)
+    server, _ = _echo_server()
     server.init_queues(1)
 
     async def scenario() -> None:
