@@ -11,6 +11,7 @@ import platform
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -387,11 +388,28 @@ def _git(*argv: str) -> str | None:
     return done.stdout
 
 
+def _source_tree() -> str | None:
+    """The git tree hash of the files as they are (tracked and untracked, ignored ones apart), built in a scratch
+    index so the repository's own index is untouched. It names the code even where HEAD does not: a copy of the
+    working tree made on another machine may sit on an older commit, and this hash then equals
+    `git rev-parse <commit>^{tree}` of the commit the files came from."""
+    with tempfile.TemporaryDirectory() as scratch:
+        env = {**os.environ, "GIT_INDEX_FILE": str(Path(scratch) / "index")}
+        try:
+            for argv in (["read-tree", "HEAD"], ["add", "-A", "."]):
+                subprocess.run(["git", *argv], cwd=REPO, env=env, capture_output=True, check=True)
+            done = subprocess.run(["git", "write-tree"], cwd=REPO, env=env, capture_output=True, text=True, check=True)
+        except (OSError, subprocess.CalledProcessError):
+            return None
+    return done.stdout.strip()
+
+
 def provenance() -> dict[str, Any]:
     """What produced a result: the exact commit, whether the tree had changes (results files apart, since
     every run rewrites them), the machine, and whether it was idle when the run began."""
     commit = _git("rev-parse", "HEAD")
     changes = _git("status", "--porcelain", "--", ".", ":(exclude)bench/results")
+    tree = _source_tree()
     cores = os.cpu_count() or 1
     loadavg = _loadavg()
     idle = loadavg[0] <= IDLE_LOAD_PER_CORE * cores
@@ -400,6 +418,7 @@ def provenance() -> dict[str, Any]:
         "commit": commit.strip() if commit else None,
         "tree_clean": changes == "",
         "changed_files": changes.splitlines() if changes else [],
+        "source_tree": tree,
         "cpu_count": cores,
         "cpu_model": _cpu_model(),
         "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),

@@ -324,7 +324,8 @@ def text(result: Result) -> str:
     lines = [
         f"nnserve serving benchmark, {meta['host']} ({meta['cpu_count']} x {meta['cpu_model']}, {meta['device']}) "
         f"{meta['timestamp']}",
-        f"commit {meta['commit']}{'' if meta['tree_clean'] else ' with uncommitted changes'}; "
+        f"commit {meta['commit']}{'' if meta['tree_clean'] else ' with uncommitted changes'}"
+        f"{', source tree ' + meta['source_tree'] if meta.get('source_tree') else ''}; "
         f"load average before/after: {meta['loadavg_before']} / {meta['loadavg_after']}",
     ]
     if not meta["idle"]:

@@ -126,6 +126,12 @@ def test_tiny_run_of_every_system_records_what_produced_it(tmp_path: Path) -> No
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
     assert meta["commit"] == head.stdout.strip()
     assert isinstance(meta["tree_clean"], bool) and meta["tree_clean"] == (meta["changed_files"] == [])
+    # The source tree names the files as they were: HEAD's own tree exactly when nothing differs from HEAD.
+    git = ["git", "-C", str(ROOT)]
+    head_tree = subprocess.run([*git, "rev-parse", "HEAD^{tree}"], capture_output=True, text=True, check=True)
+    results = subprocess.run([*git, "status", "--porcelain", "bench/results"], capture_output=True, text=True)
+    unchanged = meta["tree_clean"] and results.stdout == ""
+    assert (meta["source_tree"] == head_tree.stdout.strip()) == unchanged, meta["source_tree"]
     assert {"onnxruntime", "fastapi", "uvicorn", "litserve", "numpy"} <= set(meta["versions"])
     assert meta["cpu_count"] == os.cpu_count() and meta["cpu_model"]
     assert len(meta["loadavg_before"]) == len(meta["loadavg_after"]) == 3
