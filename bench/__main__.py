@@ -442,6 +442,21 @@ def _cpu_model() -> str:
     return platform.processor()
 
 
+def _gpus() -> list[str]:
+    """The GPUs' names and memory as the driver reports them (nvidia-smi, so the harness loads no CUDA library)."""
+    try:
+        done = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in done.stdout.splitlines() if line.strip()]
+
+
 def _label(args: argparse.Namespace) -> str:
     return args.device + ("-soak" if args.soak else "-quick" if args.quick else "-only" if args.only else "")
 
@@ -461,6 +476,7 @@ def main(argv: list[str] | None = None) -> int:
             "timestamp": started.isoformat(timespec="seconds"),
             "label": label,
             "device": args.device,
+            "gpus": _gpus() if args.device == "cuda" else [],
             "models": args.models,
             "peer": args.peer,
             "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "catalog"},

@@ -322,7 +322,8 @@ def text(result: Result) -> str:
     """The printed report: provenance, runs, servers, compute line, ratios, target checks."""
     meta = result["meta"]
     lines = [
-        f"nnserve serving benchmark, {meta['host']} ({meta['cpu_count']} x {meta['cpu_model']}, {meta['device']}) "
+        f"nnserve serving benchmark, {meta['host']} ({meta['cpu_count']} x {meta['cpu_model']}, {meta['device']}"
+        f"{''.join(f', {gpu}' for gpu in meta.get('gpus', []))}) "
         f"{meta['timestamp']}",
         f"commit {meta['commit']}{'' if meta['tree_clean'] else ' with uncommitted changes'}"
         f"{', source tree ' + meta['source_tree'] if meta.get('source_tree') else ''}; "

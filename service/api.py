@@ -32,13 +32,13 @@ logger = logging.getLogger("nnserve")
 # (one ONNX Runtime thread, items/s at batch 8/32/64: cifar 604/593/586, digits 4,923/4,914/4,987, sequence
 # 53k/59k/59k), while activation memory keeps growing with the batch.
 MAX_MODEL_BATCH = 32
-# A GPU still gains past 64 (ONNX Runtime CUDA on one H100: 268k digits/s at batch 64, 408k at 128). There every
+# A GPU still gains past 64 (ONNX Runtime CUDA on one H200: 314k digits/s at batch 64, 433k at 128). There every
 # call is padded up to one of a few sizes, each run once before the worker reports ready, because a new input
 # shape makes a runtime pick kernels again (cuDNN times every convolution algorithm). TorchScript takes powers of
-# two (batching gained 2.8x on digits and 4.7x on cifar at c=64). ONNX Runtime takes one size, the only way it was
-# seen fast on one H100: a repeated batch of 64 digits ran 0.35 ms per call, while calls whose size changed each
-# time ran 25-39 ms (its CPU arena then off), and in the server, padded to powers of two, batching served cifar at
-# 151-198 req/s against 964 with batching off.
+# two (batching gained 3.8x on digits and 4.3x on cifar at c=64 on one H200). ONNX Runtime takes one size: on one
+# H200 a call whose shape differs from the previous call's took 38 ms (digits) and 210 ms (cifar) even when that
+# shape had run before, against 0.33 and 1.45 ms at 128 rows repeated; padded to 128 alone, batching gained 3.0x
+# and 7.7x at c=64, where sizes that varied had made it 0.21-0.67x of batching off.
 GPU_MODEL_BATCH = 128
 GPU_BATCH_SIZES = tuple(2**i for i in range(GPU_MODEL_BATCH.bit_length()))
 

@@ -137,7 +137,7 @@ def test_tiny_run_of_every_system_records_what_produced_it(tmp_path: Path) -> No
     assert len(meta["loadavg_before"]) == len(meta["loadavg_after"]) == 3
     assert meta["idle"] == (meta["loadavg_before"][0] <= 0.5 * meta["cpu_count"])
     assert ("WARNING" in done.stdout) == (not meta["idle"])
-    assert meta["peer"] == "peer-ort-2"
+    assert meta["peer"] == "peer-ort-2" and meta["gpus"] == []  # a CPU run names no GPU
 
     for system in systems:
         runs = [r for r in result["runs"] if r["system"] == system and r["shape"] == "x1"]
