@@ -65,7 +65,9 @@ def _answers(port: int, model: str, png: bytes) -> bool:
         return False
 
 
-def profile(system: str, model: str, concurrency: int, seconds: float, data_dir: Path) -> dict[str, float]:
+def profile(
+    system: str, model: str, concurrency: int, seconds: float, data_dir: Path, shape: str = "x1"
+) -> dict[str, float]:
     port = free_port()
     if system == "nnserve":
         argv = [sys.executable, "-m", "service"]
@@ -86,7 +88,7 @@ def profile(system: str, model: str, concurrency: int, seconds: float, data_dir:
         argv, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     images = (mnist_pngs if model == "digits" else cifar_pngs)(data_dir, 256)
-    requests = build_requests(model, SHAPES["x1"], images, [], port)
+    requests = build_requests(model, SHAPES[shape], images, [], port)
     try:
         deadline = time.monotonic() + 120
         while not _answers(port, model, images[0]) and time.monotonic() < deadline:
@@ -142,13 +144,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--models", default="digits,cifar")
     p.add_argument("--systems", default="nnserve,peer-ort-2")
+    p.add_argument("--shape", default="x1", choices=[n for n, s in SHAPES.items() if s.envelope != "series"])
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--seconds", type=float, default=15)
     p.add_argument("--data-dir", type=Path, default=default_data_dir())
     args = p.parse_args()
     for model in args.models.split(","):
-        rows = {s: profile(s, model, args.concurrency, args.seconds, args.data_dir) for s in args.systems.split(",")}
-        print(f"\n{model}, single image, c={args.concurrency}: CPU ms per request by stage")
+        rows = {
+            s: profile(s, model, args.concurrency, args.seconds, args.data_dir, args.shape)
+            for s in args.systems.split(",")
+        }
+        print(f"\n{model}, {args.shape}, c={args.concurrency}: CPU ms per request by stage")
         print(f"{'stage':34s}" + "".join(f"{s:>14s}" for s in rows))
         for name in [*(n for n, _ in STAGES), OTHER, "total", "req_per_s"]:
             print(f"{name:34s}" + "".join(f"{r[name]:14.3f}" for r in rows.values()))
