@@ -168,3 +168,16 @@ def test_tiny_run_of_every_system_records_what_produced_it(tmp_path: Path) -> No
     assert statuses["digits x1 c=256: every request answered 200 or refused 503 within 50 ms"] == "SKIP"
     for shape in ("x1", "x8-json"):
         assert (tmp_path / f"latest-cpu-{shape}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_profile_splits_a_multi_image_request_by_stage() -> None:
+    """`python -m bench.profile` on a real server under real load: py-spy sampled its processes (the stages add up
+    to the CPU time /proc measured only when samples came), and a request of 8 digits spends most of that time in
+    the model and in decoding."""
+    from bench.profile import OTHER, STAGES, profile
+
+    result = profile("nnserve", "digits", concurrency=4, seconds=3, data_dir=data_dir(), shape="x8-multipart")
+    stages = [name for name, _ in STAGES] + [OTHER]
+    assert result["req_per_s"] > 0 and result["total"] > 0, result
+    assert sum(result[s] for s in stages) == pytest.approx(result["total"], rel=1e-6)
+    assert result["model"] + result["decode and preprocess"] > result["total"] / 2, result
