@@ -380,9 +380,9 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _git(*argv: str) -> str | None:
+def _git(*argv: str, env: dict[str, str] | None = None) -> str | None:
     try:
-        done = subprocess.run(["git", *argv], cwd=REPO, capture_output=True, text=True, check=True)
+        done = subprocess.run(["git", *argv], cwd=REPO, env=env, capture_output=True, text=True, check=True)
     except (OSError, subprocess.CalledProcessError):
         return None
     return done.stdout
@@ -395,13 +395,10 @@ def _source_tree() -> str | None:
     `git rev-parse <commit>^{tree}` of the commit the files came from."""
     with tempfile.TemporaryDirectory() as scratch:
         env = {**os.environ, "GIT_INDEX_FILE": str(Path(scratch) / "index")}
-        try:
-            for argv in (["read-tree", "HEAD"], ["add", "-A", "."]):
-                subprocess.run(["git", *argv], cwd=REPO, env=env, capture_output=True, check=True)
-            done = subprocess.run(["git", "write-tree"], cwd=REPO, env=env, capture_output=True, text=True, check=True)
-        except (OSError, subprocess.CalledProcessError):
+        if _git("read-tree", "HEAD", env=env) is None or _git("add", "-A", ".", env=env) is None:
             return None
-    return done.stdout.strip()
+        tree = _git("write-tree", env=env)
+    return tree.strip() if tree else None
 
 
 def provenance() -> dict[str, Any]:
@@ -409,7 +406,6 @@ def provenance() -> dict[str, Any]:
     every run rewrites them), the machine, and whether it was idle when the run began."""
     commit = _git("rev-parse", "HEAD")
     changes = _git("status", "--porcelain", "--", ".", ":(exclude)bench/results")
-    tree = _source_tree()
     cores = os.cpu_count() or 1
     loadavg = _loadavg()
     idle = loadavg[0] <= IDLE_LOAD_PER_CORE * cores
@@ -418,7 +414,7 @@ def provenance() -> dict[str, Any]:
         "commit": commit.strip() if commit else None,
         "tree_clean": changes == "",
         "changed_files": changes.splitlines() if changes else [],
-        "source_tree": tree,
+        "source_tree": _source_tree(),
         "cpu_count": cores,
         "cpu_model": _cpu_model(),
         "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
