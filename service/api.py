@@ -11,8 +11,8 @@ import json
 import logging
 import signal
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Generator, Iterator
+from typing import Any, TypeVar
 
 import litserve as ls
 import numpy as np
@@ -41,6 +41,20 @@ MAX_MODEL_BATCH = 32
 # and 7.7x at c=64, where sizes that varied had made it 0.21-0.67x of batching off.
 GPU_MODEL_BATCH = 128
 GPU_BATCH_SIZES = tuple(2**i for i in range(GPU_MODEL_BATCH.bit_length()))
+
+T = TypeVar("T")
+# A model's work in steps: it yields between model calls, so whoever drives it may do other work there (the
+# inline executor answers other requests on its event loop), and returns the result.
+Steps = Generator[None, None, T]
+
+
+def finish(steps: Steps[T]) -> T:
+    """Drive `steps` to the end at once: for a caller with nothing else to do between model calls."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
 
 
 def padded_sizes(backend: str, on_gpu: bool) -> tuple[int, ...]:
@@ -124,6 +138,12 @@ class ModelAPI(ls.LitAPI):
         # padded size): pay before ready.
         for n in self.sizes or (1, 8, MAX_MODEL_BATCH):
             self.run(self.warmup_batch(n))
+        # A warm call of the largest size seeds the measured cost per item, so that the first batches are sliced
+        # and admitted on a measurement rather than on none.
+        n = self.max_rows()
+        start = time.perf_counter()
+        self.run(self.warmup_batch(n))
+        self.state.observe(n, time.perf_counter() - start)
         logger.info(
             "model %s v%s ready: %s on %s via %s (%d threads)",
             self.name,
@@ -159,16 +179,26 @@ class ModelAPI(ls.LitAPI):
     def run(
         self, x: np.ndarray | list[np.ndarray], prepare: Callable[[np.ndarray], np.ndarray] | None = None
     ) -> np.ndarray:
-        """The model's output for `x`, or for the rows of several arrays in order, in calls of at most one slice;
-        `prepare` turns each slice into model input just before its call.
+        """The model's output for `x` in one go (see `run_steps`)."""
+        return finish(self.run_steps(x, prepare, self.max_rows()))
+
+    def max_rows(self) -> int:
+        return GPU_MODEL_BATCH if self.on_gpu else MAX_MODEL_BATCH
+
+    def run_steps(
+        self, x: np.ndarray | list[np.ndarray], prepare: Callable[[np.ndarray], np.ndarray] | None, rows: int
+    ) -> Steps[np.ndarray]:
+        """The model's output for `x`, or for the rows of several arrays in order, in calls of at most `rows` rows,
+        yielding between calls; `prepare` turns each slice into model input just before its call.
 
         Arrays are sliced as they come, never joined or prepared whole first: a batch of 32 requests of 64 CIFAR-10
         images would otherwise hold 25 MB more per HTTP process for calls that take 393 KB at a time (peak RSS
         of the server tree under 64-image requests at c=64, slices of 64: 438 MB joined and prepared whole, 344 MB
         by slice)."""
-        step = GPU_MODEL_BATCH if self.on_gpu else MAX_MODEL_BATCH
         outputs = []
-        for pieces in _slices(x if isinstance(x, list) else [x], step):
+        for pieces in _slices(x if isinstance(x, list) else [x], rows):
+            if outputs:
+                yield
             ready = [prepare(piece) for piece in pieces] if prepare else pieces
             outputs.append(self._call(ready[0] if len(ready) == 1 else np.concatenate(ready)))
         return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
@@ -184,26 +214,42 @@ class ModelAPI(ls.LitAPI):
         return self.runtime.run(padded)[:n]
 
     def predict(self, requests: list[dict[str, Any]]) -> list[Any]:
-        """Run all requests' items in one model call; if that fails, run each alone so one cannot sink the rest."""
+        """LitServe's hook: all requests' items at once (see `predict_steps`)."""
+        return finish(self.predict_steps(requests, self.max_rows()))
+
+    def predict_steps(self, requests: list[dict[str, Any]], rows: int) -> Steps[list[Any]]:
+        """Run all requests' items in model calls of at most `rows` rows; if that fails, run each request alone so
+        one cannot sink the rest."""
         items = sum(self.items(r) for r in requests)
         metrics.observe_batch(self.name, len(requests), items)
-        start = time.perf_counter()
         try:
-            results = self.predict_batch(requests)
-            self.state.observe(items, time.perf_counter() - start)
-            return results
+            return (yield from self._timed(self.predict_batch(requests, rows), items))
         except Exception:
             logger.exception("batched call of %s failed; retrying its %d requests one by one", self.name, len(requests))
         results: list[Any] = []
         for r in requests:
             try:
-                results.extend(self.predict_batch([r]))
+                results.extend((yield from self.predict_batch([r], rows)))
             except Exception as e:
                 logger.exception("request %s to %s failed", r.get("request_id"), self.name)
                 results.append(e)
         return results
 
-    def predict_batch(self, requests: list[dict[str, Any]]) -> list[Any]:
+    def _timed(self, steps: Steps[T], items: int) -> Steps[T]:
+        """`steps`, counting only the time spent in them (not what the driver did between them) as the cost of
+        `items`, for admission and slicing."""
+        busy = 0.0
+        while True:
+            start = time.perf_counter()
+            try:
+                next(steps)
+            except StopIteration as done:
+                self.state.observe(items, busy + time.perf_counter() - start)
+                return done.value
+            busy += time.perf_counter() - start
+            yield
+
+    def predict_batch(self, requests: list[dict[str, Any]], rows: int) -> Steps[list[Any]]:
         raise NotImplementedError
 
     def encode_response(self, output: Any) -> bytes | np.ndarray | tuple[int, str, str]:
@@ -251,8 +297,8 @@ class ClassifierAPI(ModelAPI):
         """uint8 pixels are preprocessed here; float32 tensors arrive preprocessed (the v2 protocol's form)."""
         return x if x.dtype == np.float32 else normalize(x, self.preprocessing)
 
-    def predict_batch(self, requests: list[dict[str, Any]]) -> list[Any]:
-        logits = self.run([r["x"] for r in requests], self.model_input)
+    def predict_batch(self, requests: list[dict[str, Any]], rows: int) -> Steps[list[Any]]:
+        logits = yield from self.run_steps([r["x"] for r in requests], self.model_input, rows)
         shifted = logits - logits.max(axis=1, keepdims=True)
         probs = np.exp(shifted)
         probs /= probs.sum(axis=1, keepdims=True)
@@ -288,15 +334,18 @@ class ForecastAPI(ModelAPI):
         t = np.arange(self.manifest.series.min_history * 2, dtype=np.float32)
         return np.tile(np.sin(t / 3.0), (n, 1))
 
-    def predict_batch(self, requests: list[dict[str, Any]]) -> list[Any]:
-        """Series of equal length share one model call; the model normalizes each window itself."""
+    def predict_batch(self, requests: list[dict[str, Any]], rows: int) -> Steps[list[Any]]:
+        """Series of equal length share model calls; the model normalizes each window itself."""
         series = [s for r in requests for s in r["x"]]
         forecasts: list[np.ndarray | None] = [None] * len(series)
         by_length: dict[int, list[int]] = {}
         for i, s in enumerate(series):
             by_length.setdefault(len(s), []).append(i)
-        for indices in by_length.values():
-            for i, y in zip(indices, self.run(np.stack([series[i] for i in indices])), strict=True):
+        for group, indices in enumerate(by_length.values()):
+            if group:
+                yield
+            ys = yield from self.run_steps(np.stack([series[i] for i in indices]), None, rows)
+            for i, y in zip(indices, ys, strict=True):
                 forecasts[i] = y
         out, start = [], 0
         for r in requests:

@@ -1,9 +1,11 @@
 """Turn HTTP bodies into model-ready arrays, rejecting bad input with a precise 4xx before it reaches a batch.
 
-This runs in the HTTP server processes, so one broken request never shares a model call with good ones. Work that
-grows with the body (decoding images, parsing large JSON and multipart bodies) runs in a small thread pool, not on
-the event loop, and is bounded before it starts: image sizes are read from the headers and refused above the
-limits, and only formats whose header carries the size that will be decoded are opened at all.
+This runs in the HTTP server processes, so one broken request never shares a model call with good ones. The
+usual bodies (small images, up to a few hundred KB of JSON or multipart) are handled on the event loop, image by
+image with a turn of the loop every `LOOP_SLICE_S`; large ones (big images, big bodies) in a small thread pool, so
+that no single step holds the loop long. All of it is bounded before it starts: image sizes are read from the
+headers and refused above the limits, and only formats whose header carries the size that will be decoded are
+opened at all.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import binascii
 import io
 import json
 import os
+import time
 import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +32,7 @@ from starlette.requests import Request
 from models import ImagePreprocessing, SeriesSpec
 from models.preprocessing import to_pixels
 from service.config import Settings
+from service.dataplane import LOOP_SLICE_S
 from service.errors import ApiError
 
 T = TypeVar("T")
@@ -48,15 +52,17 @@ IMAGE_TYPES = ("image/", "application/octet-stream")
 # What decoders raise on broken data (Pillow's own errors are OSError, SyntaxError or ValueError subclasses).
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError)
 
-# Requests this small are handled on the event loop: a thread hop costs more than the work, and small requests
-# then never queue in the pool behind large ones. 8 KB of encoded images holds a CIFAR-10 PNG three times over,
-# and opening that much costs at most a few ms even when crafted (PNG text chunks, which Pillow inflates while
-# opening, up to 1 MB per KB); 64 Kpx decode in about 0.5 ms (RGB, 130 Mpx/s measured).
+# Images this small are opened and decoded on the event loop: a thread hop costs more than the work, and the GIL
+# passed between the loop and the pool costs more still (see `LOOP_SLICE_S` for what the loop gained). 8 KB holds
+# a CIFAR-10 PNG three times over, and opening it costs at most a few ms even when crafted (PNG text chunks, which
+# Pillow inflates while opening, up to 1 MB per KB); 64 Kpx decode in about 0.5 ms (RGB, 130 Mpx/s measured). A
+# request holding a larger image goes to the pool whole.
 INLINE_BYTES = 8 * 1024
 INLINE_PIXELS = 256 * 256
-# JSON and multipart bodies up to this size are parsed on the loop (well under a millisecond). Larger ones cost
-# more: Starlette's own form parser spent 46 ms on the loop for one 9 MB part, 15 ms for 256 MNIST PNGs.
-INLINE_PARSE_BYTES = 64 * 1024
+# JSON and multipart bodies up to this size are parsed on the loop: 64 CIFAR-10 PNGs took 0.13 ms as JSON (197
+# KB; their base64 0.42 ms more) and 0.86 ms as multipart (155 KB). Larger ones cost more: Starlette's own form
+# parser spent 46 ms on the loop for one 9 MB part.
+INLINE_PARSE_BYTES = 512 * 1024
 
 _pool: ThreadPoolExecutor | None = None
 _pool_pid = 0
@@ -80,6 +86,18 @@ async def _run(work: Callable[[], T], threads: int, inline: bool) -> T:
     if inline:
         return work()
     return await asyncio.get_running_loop().run_in_executor(_executor(threads), work)
+
+
+async def _each(work: Callable[[int, Any], T], items: list[Any]) -> list[T]:
+    """`work(index, item)` for every item, on the event loop, with a turn of the loop every `LOOP_SLICE_S`."""
+    done = []
+    start = time.perf_counter()
+    for i, item in enumerate(items):
+        done.append(work(i, item))
+        if time.perf_counter() - start > LOOP_SLICE_S:
+            await asyncio.sleep(0)
+            start = time.perf_counter()
+    return done
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -215,7 +233,7 @@ class ImageDecoder:
             if doc.get("top_k") is not None:
                 top_k = doc["top_k"]
             instances = doc["instances"]
-            items = await _run(lambda: self._instances(instances), self.threads, inline=len(body) <= INLINE_BYTES)
+            items = await _run(lambda: self._instances(instances), self.threads, inline=len(body) <= INLINE_PARSE_BYTES)
         else:
             raise ApiError(
                 415,
@@ -227,16 +245,23 @@ class ImageDecoder:
         return await self.decode(items), top_k
 
     async def decode(self, items: list[Item]) -> np.ndarray:
-        """Open every item's header, refuse what is over the limits, then decode, off the loop unless small."""
+        """Open every item's header, refuse what is over the limits, then decode: on the loop when every image is
+        small, else in the pool."""
         _check_count(len(items), self.max_items)
-        if sum(len(i) if isinstance(i, bytes) else i.nbytes for i in items) > INLINE_BYTES:
+        if any(isinstance(i, bytes) and len(i) > INLINE_BYTES for i in items):
             return await _run(lambda: self._load_all(self._open_all(items)), self.threads, inline=False)
-        opened = self._open_all(items)
-        small = sum(_pixels(image) for _, image in opened) <= INLINE_PIXELS
-        return await _run(lambda: self._load_all(opened), self.threads, inline=small)
+        opened = list(zip(items, await _each(lambda i, item: self._open(item, i), items), strict=True))
+        self._check_total(opened)
+        if all(_pixels(image) <= INLINE_PIXELS for _, image in opened):
+            return np.stack(await _each(lambda i, pair: self._load(*pair, i), opened))
+        return await _run(lambda: self._load_all(opened), self.threads, inline=False)
 
     def _open_all(self, items: list[Item]) -> list[tuple[Item, Image.Image | np.ndarray]]:
         opened = [(item, self._open(item, i)) for i, item in enumerate(items)]
+        self._check_total(opened)
+        return opened
+
+    def _check_total(self, opened: list[tuple[Item, Image.Image | np.ndarray]]) -> None:
         total = sum(_pixels(i) for _, i in opened)
         if total > self.max_request_pixels:
             raise ApiError(
@@ -244,7 +269,6 @@ class ImageDecoder:
                 "too_many_pixels",
                 f"the request's images hold {total} pixels; the limit is {self.max_request_pixels} per request",
             )
-        return opened
 
     def _open(self, item: Item, index: int) -> Image.Image | np.ndarray:
         """The item with only its header read; its size checked against the per-image limit."""

@@ -74,6 +74,7 @@ def register_predict(app: FastAPI, plane: DataPlane, api: ModelAPI) -> None:
             async with asyncio.timeout(settings.request_timeout):  # decoding counts against the timeout too
                 body = await read_body(request, settings.max_request_bytes)
                 payload = await api.parse(request, body)
+                del body  # only the parse needs it: not held while the request waits for its batch
                 payload["request_id"] = logs.REQUEST_ID.get()
                 answer = await plane.infer(name, payload)
         except TimeoutError:

@@ -13,6 +13,7 @@ import asyncio
 import functools
 import inspect
 from collections.abc import Callable
+from dataclasses import replace
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -156,6 +157,7 @@ def register_v2(app: FastAPI, plane: DataPlane) -> None:
             async with asyncio.timeout(settings.request_timeout):  # decoding counts against the timeout too
                 body = await read_body(request, settings.max_request_bytes)
                 parsed, payload = await parse(api, body, request.headers.get(HEADER_LENGTH))
+                del body  # the payload holds what the model needs: not held while the request waits for its batch
                 payload["request_id"] = logs.REQUEST_ID.get()
                 answer = await plane.infer(api.name, payload)
         except TimeoutError:
@@ -174,14 +176,16 @@ def register_v2(app: FastAPI, plane: DataPlane) -> None:
         try:
             request = codec.parse_request(body, header_length)
             codec.check_outputs(request, api.manifest)
+            # The answer needs the request's id and outputs only: its input tensors (views of the body) stay behind.
+            answer_to = replace(request, inputs=[])
             if api.manifest.task == "forecast":
                 x, horizon = codec.forecast_input(request, api.manifest, max_items)
-                return request, {"x": list(x), "horizon": [horizon] * len(x), "protocol": "v2"}
+                return answer_to, {"x": list(x), "horizon": [horizon] * len(x), "protocol": "v2"}
             images = codec.classifier_input(request, api.manifest, max_items)
         except codec.ProtocolError as e:
             raise bad_request(e) from None
         x = images if isinstance(images, np.ndarray) else await api.decoder.decode(images)
-        return request, {"x": x, "top_k": 1, "protocol": "v2"}
+        return answer_to, {"x": x, "top_k": 1, "protocol": "v2"}
 
     per_model("", "GET", metadata, responses={**schemas.ok(schemas.V2ModelMetadata), **schemas.errors(404, v2=True)})
     per_model(

@@ -222,7 +222,7 @@ def test_request_pixels_are_bounded_before_decoding() -> None:
     refused(lambda: decode(decoder(max_request_pixels=3 * 32 * 32), pixels, "application/json"), 413, "too_many_pixels")
 
 
-def test_large_requests_decode_in_the_pool_and_small_ones_inline(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_small_images_decode_on_the_loop_and_large_ones_in_the_pool(monkeypatch: pytest.MonkeyPatch) -> None:
     threads: list[str] = []
     real = inputs.to_pixels
 
@@ -231,14 +231,49 @@ def test_large_requests_decode_in_the_pool_and_small_ones_inline(monkeypatch: py
         return real(image, spec)
 
     monkeypatch.setattr(inputs, "to_pixels", spy)
-    digit = mnist_test_pngs(1)[0][0]
-    decode(decoder(DIGITS), digit)
-    assert threads == [threading.current_thread().name]
+    here = threading.current_thread().name
+    digits = [b for b, _ in mnist_test_pngs(64)]
+    decode(decoder(DIGITS), digits[0])
+    body, kind = multipart_body(digits)
+    decode(decoder(DIGITS), body, kind)
+    assert threads == [here] * 65
     threads.clear()
     decode(decoder(DIGITS), encoded(Image.new("L", (1024, 1024), 7), "PNG"))  # 1 Mpx in 1 KB
-    body, kind = multipart_body([b for b, _ in mnist_test_pngs(64)])
-    decode(decoder(DIGITS), body, kind)
-    assert len(threads) == 65 and all(name.startswith("nnserve-decode") for name in threads)
+    noise = np.random.default_rng(0).integers(0, 256, (128, 128), dtype=np.uint8)
+    small, large = encoded(Image.fromarray(noise[:64, :64]), "PNG"), encoded(Image.fromarray(noise), "PNG")
+    assert len(small) < inputs.INLINE_BYTES < len(large)
+    decode(decoder(DIGITS), small)
+    decode(decoder(DIGITS), large)
+    body, kind = multipart_body([*digits, encoded(Image.new("L", (1024, 1024), 7), "PNG")])
+    decode(decoder(DIGITS), body, kind)  # one large image takes the whole request to the pool
+    assert threads[1] == here
+    assert [t.startswith("nnserve-decode") for t in threads] == [True, False, True] + [True] * 65
+
+
+def test_work_on_the_loop_lets_it_turn_every_slice() -> None:
+    """Images decoded on the event loop are decoded a slice of time at a time, with a turn of the loop between."""
+    events: list[str] = []
+
+    def work(index: int, item: int) -> int:
+        events.append("item")
+        time.sleep(inputs.LOOP_SLICE_S / 3)
+        return item * 2
+
+    async def ticker() -> None:
+        while True:
+            events.append("tick")
+            await asyncio.sleep(0)
+
+    async def scenario() -> list[int]:
+        tick = asyncio.create_task(ticker())
+        await asyncio.sleep(0)
+        done = await inputs._each(work, list(range(12)))
+        tick.cancel()
+        return done
+
+    assert asyncio.run(scenario()) == [2 * i for i in range(12)]
+    runs = "".join("i" if e == "item" else "t" for e in events).strip("t").split("t")
+    assert len([r for r in runs if r]) >= 3 and all(len(r) <= 4 for r in runs), events
 
 
 def test_multipart_keeps_file_parts_in_order_and_refuses_malformed_bodies() -> None:

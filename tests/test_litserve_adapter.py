@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import itertools
 import pickle
 import re
 import threading
@@ -300,8 +301,11 @@ def test_litserve_reader_delivers_a_batch_of_answers_through_the_transport() -> 
 
 
 def test_inline_executor_batches_what_queued_while_a_batch_ran() -> None:
-    """The inline executor's batcher, in process: requests queued behind a running batch form the next one."""
+    """The inline executor's batcher, in process: the event loop runs between a batch's model calls, and
+    requests queued meanwhile form the next batch."""
     from service.dataplane import InlineExecutor, ModelState
+
+    events: list[str] = []
 
     class SlowApi:
         name = "probe"
@@ -310,31 +314,58 @@ def test_inline_executor_batches_what_queued_while_a_batch_ran() -> None:
 
         def setup(self, device: str) -> None: ...
 
+        def max_rows(self) -> int:
+            return 32
+
         @staticmethod
         def items(payload: dict[str, Any]) -> int:
             return 1
 
-        def predict(self, payloads: list[dict[str, Any]]) -> list[Any]:
+        def predict_steps(self, payloads: list[dict[str, Any]], rows: int) -> Any:
             import time
 
             self.batches.append(len(payloads))
-            time.sleep(0.05)
+            for _ in range(3):  # three model calls of 20 ms
+                events.append("call")
+                time.sleep(0.02)
+                yield
             return [np.asarray(p["x"]) * 2 for p in payloads]
 
         def encode_response(self, y: Any) -> Any:
             return int(y)
+
+    async def ticker() -> None:
+        while True:
+            events.append("tick")
+            await asyncio.sleep(0)
 
     async def scenario() -> list[Any]:
         executor = InlineExecutor(SlowApi(), ModelState(slots=1, http_servers=1), slot=0)
         executor.load("cpu")
         executor.start()
         assert executor.is_ready()
+        tick = asyncio.create_task(ticker())
         first = asyncio.create_task(executor.submit({"x": 0}))
-        await asyncio.sleep(0.01)  # the first batch is running
+        await asyncio.sleep(0.01)  # back while the first batch runs: the loop turned between its calls
+        assert not first.done()
         rest = [asyncio.create_task(executor.submit({"x": i})) for i in range(1, 6)]
         answers = [await first, *[await r for r in rest]]
+        tick.cancel()
         await executor.stop()
         return answers
 
     assert asyncio.run(scenario()) == [0, 2, 4, 6, 8, 10]
     assert SlowApi.batches == [1, 5]
+    calls = [i for i, e in enumerate(events) if e == "call"]
+    assert len(calls) == 6
+    # another coroutine ran between every two model calls: none held the loop for a whole batch
+    assert all("tick" in events[a:b] for a, b in itertools.pairwise(calls)), events
+
+
+def test_rows_per_model_call_fit_the_loop_slice() -> None:
+    from service.dataplane import LOOP_SLICE_S, rows_per_call
+
+    assert rows_per_call(0.0, 32) == 32  # nothing measured yet
+    assert rows_per_call(0.002, 32) == int(LOOP_SLICE_S / 0.002) < 32
+    assert rows_per_call(0.0001, 32) == 32
+    assert rows_per_call(10.0, 32) == 1

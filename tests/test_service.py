@@ -531,6 +531,20 @@ def test_gpu_model_calls_take_a_few_padded_sizes() -> None:
         recorder.sizes.clear()
         assert api.run(x[:n]).shape == (n, 1)
         assert recorder.sizes == [1 << (n - 1).bit_length()]
+    # In steps of a given size (the inline executor's), yielding between calls: the caller decides what runs there.
+    api.on_gpu, api.sizes = False, ()
+    recorder.sizes.clear()
+    steps = api.run_steps(parts, None, 7)
+    yields = 0
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            np.testing.assert_array_equal(done.value, x.sum(axis=1, keepdims=True))
+            break
+        yields += 1
+        assert len(recorder.sizes) == yields  # one call per step
+    assert recorder.sizes == [7] * 42 + [6] and yields == 42
 
 
 def test_serving_imports_no_torch() -> None:
