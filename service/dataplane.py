@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing as mp
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -138,6 +139,24 @@ def overloaded(model: str, reason: str, retry_after: float) -> ApiError:
 LOOP_SLICE_S = 0.015
 
 
+# Between two model calls the loop turns until a turn finds next to nothing to do, at most this many times. One
+# turn moves each request being read, parsed or answered by a single step, and a request takes several steps from
+# its first bytes to the queue: with one turn between calls, requests waited calls for their turns (p99 at c=256,
+# two 8 s runs each: single CIFAR-10 images 1,355-1,480 ms with one turn, 460-482 ms with this; digits 246-373
+# and 183-192 ms; with batches on a thread of their own 512-516 and 212-273 ms).
+MAX_TURNS = 16
+IDLE_TURN_S = 0.0002
+
+
+async def run_ready() -> None:
+    """Let the event loop run what is ready: turn it until a turn takes under `IDLE_TURN_S`, at most `MAX_TURNS`."""
+    for _ in range(MAX_TURNS):
+        start = time.perf_counter()
+        await asyncio.sleep(0)
+        if time.perf_counter() - start < IDLE_TURN_S:
+            return
+
+
 def rows_per_call(seconds_per_item: float, limit: int) -> int:
     """Rows of one model call that fit in `LOOP_SLICE_S` (all `limit` before anything is measured)."""
     if seconds_per_item <= 0.0:
@@ -200,7 +219,7 @@ class InlineExecutor:
                     except StopIteration as done:
                         outputs = done.value
                         break
-                    await asyncio.sleep(0)
+                    await run_ready()
                 answers = [self.api.encode_response(y) for y in outputs]
             except Exception as e:  # the hooks isolate failures per request; this is a bug in them
                 logger.exception("batch of %s failed", self.api.name)

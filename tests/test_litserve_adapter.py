@@ -12,6 +12,7 @@ import itertools
 import pickle
 import re
 import threading
+import time
 from pathlib import Path
 from queue import Queue
 from typing import Any, ClassVar
@@ -360,6 +361,33 @@ def test_inline_executor_batches_what_queued_while_a_batch_ran() -> None:
     assert len(calls) == 6
     # another coroutine ran between every two model calls: none held the loop for a whole batch
     assert all("tick" in events[a:b] for a, b in itertools.pairwise(calls)), events
+
+
+def test_between_model_calls_the_loop_runs_until_little_is_left() -> None:
+    """A request takes several turns of the loop to reach the queue: between two model calls the loop turns until
+    what was ready has run, and no more than MAX_TURNS times when new work keeps coming."""
+    from service.dataplane import MAX_TURNS, run_ready
+
+    async def request(steps: int, done: list[int]) -> None:
+        for _ in range(steps):
+            time.sleep(0.001)  # a step of reading or parsing
+            await asyncio.sleep(0)
+        done.append(steps)
+
+    async def scenario() -> tuple[list[int], int]:
+        done: list[int] = []
+        tasks = [asyncio.create_task(request(steps, done)) for steps in (2, 5, 8)]
+        await run_ready()
+        finished = list(done)
+        assert all(t.done() for t in tasks)
+        endless = asyncio.create_task(request(10 * MAX_TURNS, done))
+        await asyncio.sleep(0)
+        await run_ready()  # returns while the endless request still has steps to go
+        left = not endless.done()
+        endless.cancel()
+        return finished, left
+
+    assert asyncio.run(scenario()) == ([2, 5, 8], True)
 
 
 def test_rows_per_model_call_fit_the_loop_slice() -> None:
