@@ -49,7 +49,7 @@ class Settings(BaseSettings):
         2**27, ge=1, description="Most decoded pixels in one request, all images together (413 above)."
     )
     decode_threads: int = Field(
-        2, ge=1, description="Threads per HTTP process that decode images and parse large JSON bodies."
+        2, ge=1, description="Threads per HTTP process that decode large images and parse large bodies."
     )
     max_in_flight: int = Field(
         16384, ge=1, description="Items in flight per model, whole server, before 503 + Retry-After (a memory bound)."
