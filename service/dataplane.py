@@ -19,9 +19,9 @@ import asyncio
 import logging
 import multiprocessing as mp
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from service import metrics
 from service.errors import ApiError
@@ -30,6 +30,7 @@ from service.litserve_adapter import WorkerFailure
 logger = logging.getLogger("nnserve")
 
 Mode = Literal["inline", "worker"]
+T = TypeVar("T")
 
 # The measured cost per item follows the load with this weight per batch: about the last 20 batches count.
 EWMA_WEIGHT = 0.05
@@ -157,6 +158,17 @@ async def run_ready() -> None:
             return
 
 
+async def finish_on_loop(steps: Generator[None, None, T]) -> T:
+    """Drive a model's steps (`service.api.Steps`) to the end, letting the loop run what is ready between them:
+    the event loop's counterpart of `service.api.finish`."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+        await run_ready()
+
+
 def rows_per_call(seconds_per_item: float, limit: int) -> int:
     """Rows of one model call that fit in `LOOP_SLICE_S` (all `limit` before anything is measured)."""
     if seconds_per_item <= 0.0:
@@ -212,14 +224,7 @@ class InlineExecutor:
                 continue
             rows = rows_per_call(self.state.seconds_per_item.value, self.api.max_rows())
             try:
-                steps = self.api.predict_steps([p for p, _ in batch], rows)
-                while True:
-                    try:
-                        next(steps)
-                    except StopIteration as done:
-                        outputs = done.value
-                        break
-                    await run_ready()
+                outputs = await finish_on_loop(self.api.predict_steps([p for p, _ in batch], rows))
                 answers = [self.api.encode_response(y) for y in outputs]
             except Exception as e:  # the hooks isolate failures per request; this is a bug in them
                 logger.exception("batch of %s failed", self.api.name)
