@@ -17,7 +17,6 @@ shut down cleanly. The policy it enforces is written out in docs/operations.md:
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 import os
 import signal
 import socket
@@ -75,13 +74,9 @@ class Supervisor:
         )
 
     def _fork_http(self, server_id: int) -> None:
-        child = mp.get_context("fork").Process(
-            target=_serve_http,
-            args=(self.server, self._config(), self.sock, server_id),
-            name=f"nnserve-http-{server_id}",
+        self.http[server_id] = process.fork(
+            _serve_http, (self.server, self._config(), self.sock, server_id), f"nnserve-http-{server_id}"
         )
-        child.start()
-        self.http[server_id] = child
 
     def _ready_everywhere(self) -> bool:
         return all(state.is_ready() for state in self.server.state.models.values())

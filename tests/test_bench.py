@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import json
 import os
 import subprocess
@@ -98,14 +99,24 @@ async def _alternating_server() -> tuple[asyncio.Server, int]:
 
 
 def test_load_generator_keeps_refusals_apart() -> None:
+    frozen: list[int] = []  # objects out of the generator's garbage collector, sampled while it runs
+
     async def scenario() -> dict:
         srv, port = await _alternating_server()
         request = f"POST /x HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: 2\r\n\r\nhi".encode()
         async with srv:
-            stats = await run_load(port=port, requests=[request], concurrency=4, duration_s=1.0, warmup_s=0.2)
+            stats = await run_load(
+                port=port,
+                requests=[request],
+                concurrency=4,
+                duration_s=1.0,
+                warmup_s=0.2,
+                sample=lambda _: frozen.append(gc.get_freeze_count()),
+            )
         return summarize(stats, 1, os.cpu_count() or 1)
 
     row = asyncio.run(scenario())
+    assert min(frozen) > 1000 and gc.get_freeze_count() == 0  # frozen while it ran, given back after
     assert row["requests_ok"] > 0 and row["refused"] > 0
     assert set(row["statuses"]) == {"200", str(REFUSED)} and row["failures"] == 0 and row["errors"] == 0
     assert row["latency_ms"]["p50"] >= 40.0 > row["refused_latency_ms"]["max"]
