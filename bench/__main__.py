@@ -55,15 +55,24 @@ def _csv(kind: type) -> Any:
     return lambda text: [kind(x) for x in text.split(",") if x.strip()]
 
 
-def _nnserve_http_servers() -> int:
-    """How many HTTP server processes nnserve runs with the caller's NNSERVE_* settings."""
+def _nnserve_http_servers(device: str) -> int:
+    """How many HTTP server processes nnserve runs on `device` with the caller's NNSERVE_* settings."""
     from service.config import Settings
+    from service.runtime import available_cpus
 
-    return Settings().api_servers
+    return Settings().for_host(device, available_cpus()).api_servers
+
+
+def _device_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="NNSERVE_DEVICE of the servers")
+    p.add_argument("--gpu", dest="device", action="store_const", const="cuda", help="same as --device cuda")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    http_servers = _nnserve_http_servers()
+    # The device decides how many HTTP servers nnserve runs, and so which peer matches it: read it first.
+    first = argparse.ArgumentParser(add_help=False)
+    _device_options(first)
+    http_servers = _nnserve_http_servers(first.parse_known_args(argv)[0].device)
     systems = catalog(http_servers)
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     mode = p.add_mutually_exclusive_group()
@@ -94,8 +103,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--compute-seconds", type=float, default=None, help="per compute-line measurement (default 1; 0: skip)"
     )
     p.add_argument("--timeout", type=float, default=30.0, help="seconds before a request counts as unanswered")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="NNSERVE_DEVICE of the servers")
-    p.add_argument("--gpu", dest="device", action="store_const", const="cuda", help="same as --device cuda")
+    _device_options(p)
     p.add_argument(
         "--max-batch-size", type=int, default=None, help=f"nnserve's (default: its own; {CUDA_MAX_BATCH_SIZE} on cuda)"
     )

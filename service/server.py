@@ -22,7 +22,7 @@ from service.dataplane import DataPlane, Mode, SharedState
 from service.errors import install_handlers
 from service.gateway import ASGIApp, Gateway
 from service.litserve_adapter import AdaptedServer
-from service.runtime import resolve_device, threads_per_worker
+from service.runtime import available_cpus, resolve_device, threads_per_worker
 
 logger = logging.getLogger("nnserve")
 
@@ -108,6 +108,7 @@ def build_server(settings: Settings) -> NNServer:
         models.append(model)
     probe = models[0].artifact_path("torchscript" if settings.backend == "torchscript" else "onnx")
     device = resolve_device(settings.device, settings.backend, probe)
+    settings = settings.for_host(device, available_cpus())
     mode = execution_mode(settings.execution, device)
     if mode == "inline":
         slots, threads = settings.api_servers, 1  # one thread per HTTP process: the processes share the cores

@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import onnxruntime as ort
+import pytest
 
 import models
 from bench.server import process_tree
@@ -110,6 +111,24 @@ class _FailsOnMarkedRows:
         if (x.reshape(len(x), -1).min(axis=1) > 2.5).any():  # white after normalization: (1 - 0.1307) / 0.3081
             raise RuntimeError("marked item")
         return self.session.run(None, {"input": x})[0]
+
+
+@pytest.mark.parametrize(
+    ("device", "cpus", "expected"),
+    [
+        ("cpu", 1, (2, 1)),
+        ("cpu", 2, (2, 1)),
+        ("cpu", 16, (16, 1)),
+        ("cuda", 4, (2, 1)),
+        ("cuda", 16, (8, 2)),
+        ("cuda", 64, (8, 2)),
+    ],
+)
+def test_process_counts_left_unset_follow_the_host(device: str, cpus: int, expected: tuple[int, int]) -> None:
+    chosen = Settings(api_servers=0, workers_per_device=0).for_host(device, cpus)
+    assert (chosen.api_servers, chosen.workers_per_device) == expected
+    given = Settings(api_servers=3, workers_per_device=5).for_host(device, cpus)
+    assert (given.api_servers, given.workers_per_device) == (3, 5)
 
 
 def test_a_failing_item_does_not_fail_its_batch_and_gets_a_500() -> None:

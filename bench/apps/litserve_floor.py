@@ -24,9 +24,10 @@ class ConstantAPI(ls.LitAPI):
 
 if __name__ == "__main__":
     from service.config import Settings
+    from service.runtime import available_cpus
 
     args = command_line(__doc__.splitlines()[0]).parse_args()
-    settings = Settings()
+    settings = Settings().for_host("cpu", available_cpus())  # the process counts nnserve would run here
     apis = [
         ConstantAPI(
             max_batch_size=settings.max_batch_size,
