@@ -25,12 +25,16 @@ answered 503 at once and closed without being read: descriptors per process stay
 Metrics: `nnserve_open_connections`, and `nnserve_connections_cut_total` by reason (`head_timeout`, `body_timeout`,
 `headers_too_large`, `over_limit`, `ceiling`, `made_room`).
 
+A response's head and the first bytes of its body also leave in one write (`ResponseWrites`): a server killed
+between two writes has sent a head without its body, which a load balancer has already passed on and cannot retry.
+
 uvicorn internals relied on (pinned by tests/test_connections.py::test_uvicorn_internals, which names the missing
 one if uvicorn changes): the `HttpToolsProtocol` constructor signature (config, server_state, app_state, _loop),
 the methods it overrides (the asyncio protocol methods, the parser callbacks and `on_response_complete`, which the
 request cycle calls when a response is out); its attributes `app` (read by `on_headers_complete` to start the
 request), `cycle`, `flow`, `pipeline`, `loop`, `transport`, `server_state`; `RequestResponseCycle.response_started`,
-`.response_complete`, `.keep_alive`, `.disconnected`, `.message_event`, `.waiting_for_100_continue`;
+`.response_complete`, `.keep_alive`, `.disconnected`, `.message_event`, `.waiting_for_100_continue`, `.transport`
+(what the cycle writes its response to: the head when the response starts, then the body);
 `FlowControl.read_paused`; `ServerState.default_headers`. All are listed in UVICORN_INTERNALS.
 """
 
@@ -87,6 +91,7 @@ UVICORN_INTERNALS = (
     "RequestResponseCycle.disconnected",
     "RequestResponseCycle.message_event",
     "RequestResponseCycle.waiting_for_100_continue",
+    "RequestResponseCycle.transport",
     "FlowControl.read_paused",
     "ServerState.default_headers",
 )
@@ -228,6 +233,43 @@ class ConnectionTable:
 # One table per uvicorn server (LitServe runs one per process; thread mode would run several in one process).
 _TABLES: WeakKeyDictionary[ServerState, ConnectionTable] = WeakKeyDictionary()
 
+
+class ResponseWrites:
+    """What a request cycle writes its response to: the head waits for the body's first bytes, and both go to the
+    socket in one write.
+
+    uvicorn writes a head as the response starts and the body after it. A replica killed between the two had sent
+    a head alone: behind HAProxy, a client of tests/test_docker.py's replica kill got `peer closed connection
+    without sending complete message body`, as the load balancer had passed the head on and could no longer retry.
+    With one write a killed server has sent all of a response or none of it, and none is retried elsewhere.
+    A `100 Continue`, written before the response starts, passes at once."""
+
+    __slots__ = ("cycle", "head", "head_seen", "transport")
+
+    def __init__(self, transport: asyncio.Transport, cycle: Any) -> None:
+        self.transport = transport
+        self.cycle = cycle
+        self.head = b""
+        self.head_seen = False
+
+    def write(self, data: bytes) -> None:
+        if not self.head_seen and self.cycle.response_started:
+            self.head_seen, self.head = True, data
+            return
+        if self.head:
+            data, self.head = self.head + data, b""
+        self.transport.write(data)
+
+    def close(self) -> None:
+        if self.head:  # a response given up after its head: send what there is, as uvicorn would have
+            self.transport.write(self.head)
+            self.head = b""
+        self.transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
+
+
 _last_warning: dict[str, float] = {}
 
 
@@ -338,6 +380,10 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         elif self._over_limit:
             self.app = over_limit_app(self.app)
         super().on_headers_complete()
+        cycle = self.cycle
+        # A new cycle writes to the socket itself (an upgrade starts none); a HEAD response is its head alone.
+        if cycle is not None and cycle.transport is self.transport and cycle.scope["method"] != "HEAD":
+            cycle.transport = ResponseWrites(self.transport, cycle)
         self._in_body = True
         self._body_seen_at = self.loop.time()
         self._check_by(self._body_seen_at + self.limits.body_timeout)

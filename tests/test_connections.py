@@ -462,3 +462,43 @@ def test_body_deadline_shorter_than_the_head_deadline_is_kept() -> None:
         response = read_response(sock, SLACK)
     assert response.status == 408 and response.error_code() == "request_timeout"
     assert 1 - EARLY <= time.monotonic() - started < SLACK
+
+
+class _RecordedWrites:
+    """A transport that keeps a copy of every write before passing it on."""
+
+    def __init__(self, transport: object) -> None:
+        self.transport = transport
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+        self.transport.write(data)  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.transport, name)
+
+
+def test_a_response_leaves_in_one_write_and_100_continue_at_once() -> None:
+    """A server killed between a head and its body would leave a load balancer holding half a response it cannot
+    retry: the head and the body go out in one write. An interim 100 Continue is not held back with it."""
+    limits = Limits(header_timeout=30, body_timeout=30, max_header_bytes=16384, max_connections=10)
+    with uvicorn_in_thread(limits) as server, connect(server.config.port) as sock:
+        sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\n")  # part of a head: the connection is open, no request yet
+        deadline = time.monotonic() + 10
+        while not (protocols := list(server.server_state.connections)):
+            assert time.monotonic() < deadline, "the connection never reached the protocol"
+            time.sleep(0.05)
+        recorded = _RecordedWrites(protocols[0].transport)
+        protocols[0].transport = recorded
+        sock.sendall(b"Expect: 100-continue\r\nContent-Length: 2\r\n\r\n")
+        interim = b""
+        while not interim.endswith(b"\r\n\r\n"):
+            assert select.select([sock], [], [], 10)[0], f"no 100 Continue before the body: {interim!r}"
+            interim += sock.recv(1)
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(b"12")
+        assert read_response(sock).status == 200
+    assert recorded.writes[0] == interim
+    assert len(recorded.writes) == 2, recorded.writes
+    assert recorded.writes[1].startswith(b"HTTP/1.1 200 OK\r\n") and recorded.writes[1].endswith(b"\r\n\r\nok")
