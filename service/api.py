@@ -38,8 +38,12 @@ MAX_MODEL_BATCH = 32
 # two (batching gained 3.8x on digits and 4.3x on cifar at c=64 on one H200). ONNX Runtime takes one size: on one
 # H200 a call whose shape differs from the previous call's took 38 ms (digits) and 210 ms (cifar) even when that
 # shape had run before, against 0.33 and 1.45 ms at 128 rows repeated; padded to 128 alone, batching gained 3.0x
-# and 7.7x at c=64, where sizes that varied had made it 0.21-0.67x of batching off.
+# and 7.7x at c=64, where sizes that varied had made it 0.21-0.67x of batching off. A lone request, the usual call
+# at low load, would then pay for 128 rows, so ONNX Runtime on a GPU keeps two sessions of each model, one that only
+# ever sees GPU_SMALL_BATCH rows and one that only sees 128 (`service.runtime.OnnxRuntime`: calls under WIDE_BATCH
+# rows take the first).
 GPU_MODEL_BATCH = 128
+GPU_SMALL_BATCH = 4
 GPU_BATCH_SIZES = tuple(2**i for i in range(GPU_MODEL_BATCH.bit_length()))
 
 T = TypeVar("T")
@@ -61,7 +65,7 @@ def padded_sizes(backend: str, on_gpu: bool) -> tuple[int, ...]:
     """The batch sizes a model call is padded to, smallest first; none: calls go as they come (a CPU)."""
     if not on_gpu:
         return ()
-    return (GPU_MODEL_BATCH,) if backend == "onnx" else GPU_BATCH_SIZES
+    return (GPU_SMALL_BATCH, GPU_MODEL_BATCH) if backend == "onnx" else GPU_BATCH_SIZES
 
 
 def _slices(parts: list[np.ndarray], step: int) -> Iterator[list[np.ndarray]]:

@@ -136,7 +136,14 @@ class OnnxRuntime:
     def __init__(self, path: Path, device: str, threads: int) -> None:
         on_gpu = device.startswith("cuda")
         self.narrow = self._session(path, device, 1)
-        self.wide = self._session(path, device, threads) if threads > 1 and not on_gpu else self.narrow
+        if on_gpu:
+            # One session per padded size (`service.api.padded_sizes`): each keeps the one input shape it has run,
+            # so neither plans its kernels again when calls alternate between a few rows and 128.
+            self.wide = self._session(path, device, 1)
+        elif threads > 1:
+            self.wide = self._session(path, device, threads)
+        else:
+            self.wide = self.narrow
         self.providers = self.narrow.get_providers()
         if on_gpu and self.providers[0] != "CUDAExecutionProvider":
             raise DeviceError(f"ONNX Runtime could not start the CUDA provider for {path}; it offered {self.providers}")

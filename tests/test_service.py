@@ -22,9 +22,9 @@ from PIL import Image
 import models
 from bench.payloads import model_inputs, png_bytes
 from bench.server import process_tree
-from service.api import GPU_BATCH_SIZES, ModelAPI, padded_sizes
+from service.api import GPU_BATCH_SIZES, GPU_MODEL_BATCH, GPU_SMALL_BATCH, ModelAPI, padded_sizes
 from service.config import Settings
-from service.runtime import DeviceError, load_cuda_libraries, resolve_device
+from service.runtime import WIDE_BATCH, DeviceError, load_cuda_libraries, resolve_device
 from tests.data import cifar_test_pngs, mnist_test_pngs, weather_2015
 from tests.serving import ROOT, RunningServer, predict_multipart, running_server
 
@@ -493,7 +493,7 @@ def test_cuda_libraries_load_once_reporting_on_stderr(monkeypatch: pytest.Monkey
 
 def test_gpu_model_calls_take_a_few_padded_sizes() -> None:
     """On a GPU every model call is padded up to a size warmed at start (at most 128 rows, larger batches in
-    slices): powers of two for TorchScript, 128 alone for ONNX Runtime. The padding never reaches an answer. On a
+    slices): powers of two for TorchScript, 4 or 128 for ONNX Runtime. The padding never reaches an answer. On a
     CPU calls go as they come, in slices of 32. Several arrays are sliced across, in order, without being joined
     first."""
 
@@ -507,7 +507,9 @@ def test_gpu_model_calls_take_a_few_padded_sizes() -> None:
             return x.sum(axis=1, keepdims=True)
 
     assert padded_sizes("onnx", on_gpu=False) == padded_sizes("torchscript", on_gpu=False) == ()
-    assert padded_sizes("onnx", on_gpu=True) == (128,)
+    assert padded_sizes("onnx", on_gpu=True) == (GPU_SMALL_BATCH, 128)
+    # Each padded ONNX Runtime size has a session of its own: the small one below WIDE_BATCH, 128 at or above it.
+    assert GPU_SMALL_BATCH < WIDE_BATCH <= GPU_MODEL_BATCH
     assert padded_sizes("torchscript", on_gpu=True) == GPU_BATCH_SIZES == (1, 2, 4, 8, 16, 32, 64, 128)
     api = object.__new__(ModelAPI)  # the model-call path alone: no manifest, no server
     api.runtime = recorder = Recorder()
@@ -526,6 +528,11 @@ def test_gpu_model_calls_take_a_few_padded_sizes() -> None:
     recorder.sizes.clear()
     np.testing.assert_array_equal(api.run(parts, prepare=lambda a: a * 2), 2 * x.sum(axis=1, keepdims=True))
     assert recorder.sizes == [32] * 9 + [12]
+    api.on_gpu, api.sizes = True, padded_sizes("onnx", on_gpu=True)
+    for n, size in ((1, 4), (4, 4), (5, 128), (100, 128)):
+        recorder.sizes.clear()
+        np.testing.assert_array_equal(api.run(x[:n]), x[:n].sum(axis=1, keepdims=True))
+        assert recorder.sizes == [size]
     api.on_gpu, api.sizes = True, GPU_BATCH_SIZES
     for n in (1, 3, 100):
         recorder.sizes.clear()
