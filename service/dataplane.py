@@ -181,7 +181,11 @@ class InlineExecutor:
     steps of about `LOOP_SLICE_S` with a turn of the loop between them.
 
     The batch forms while the previous one runs: the next takes everything queued (up to `max_batch_size`
-    requests), so under load batches grow by themselves and no request waits for a timer.
+    requests), so under load batches grow by themselves and no request waits for a timer. It stops taking requests
+    once it holds the rows of one full model call (`max_rows`): more would not make a call bigger, and every
+    request of a batch is answered when the last is done. With 64-image CIFAR-10 requests at c=64, batches of up
+    to 32 requests ran about 4 s each, so every answer took as long as the slowest (p50 4.1-4.3 s, p99 4.3-4.4 s)
+    and a 10 s run counted completions in bursts of 32.
     """
 
     def __init__(self, api: Any, state: ModelState, slot: int) -> None:
@@ -217,8 +221,10 @@ class InlineExecutor:
         while True:
             batch = [await self.queue.get()]
             await asyncio.sleep(0)  # requests read in this turn of the loop join the batch
-            while len(batch) < limit and not self.queue.empty():
+            held, full = self.api.items(batch[0][0]), self.api.max_rows()
+            while len(batch) < limit and held < full and not self.queue.empty():
                 batch.append(self.queue.get_nowait())
+                held += self.api.items(batch[-1][0])
             batch = [(p, f) for p, f in batch if not f.done()]  # drop requests that timed out while queued
             if not batch:
                 continue

@@ -363,6 +363,62 @@ def test_inline_executor_batches_what_queued_while_a_batch_ran() -> None:
     assert all("tick" in events[a:b] for a, b in itertools.pairwise(calls)), events
 
 
+def test_inline_batches_stop_at_one_full_model_call_and_answer_as_they_finish() -> None:
+    """A batch takes queued requests only until it holds `max_rows` rows: large requests go a few at a time, each
+    answered when its own batch is done rather than when the last of 32 is; small ones still fill a call."""
+    from service.dataplane import InlineExecutor, ModelState
+
+    class RowsApi:
+        name = "probe"
+        max_batch_size = 32
+        batches: ClassVar[list[list[int]]] = []
+
+        def setup(self, device: str) -> None: ...
+
+        def max_rows(self) -> int:
+            return 32
+
+        @staticmethod
+        def items(payload: dict[str, Any]) -> int:
+            return len(payload["x"])
+
+        def predict_steps(self, payloads: list[dict[str, Any]], rows: int) -> Any:
+            self.batches.append([len(p["x"]) for p in payloads])
+            time.sleep(0.02)
+            yield
+            return [sum(p["x"]) for p in payloads]
+
+        def encode_response(self, y: Any) -> Any:
+            return y
+
+    async def scenario() -> tuple[list[Any], list[int]]:
+        executor = InlineExecutor(RowsApi(), ModelState(slots=1, http_servers=1), slot=0)
+        executor.load("cpu")
+        executor.start()
+        finished: list[int] = []
+
+        async def submit(i: int, rows: int) -> Any:
+            answer = await executor.submit({"x": [i] * rows})
+            finished.append(i)
+            return answer
+
+        first = asyncio.create_task(submit(0, 1))
+        await asyncio.sleep(0.01)  # the first batch runs; the rest queue behind it
+        large = [asyncio.create_task(submit(i, 20)) for i in range(1, 6)]
+        await asyncio.sleep(0)
+        small = [asyncio.create_task(submit(i, 1)) for i in range(6, 46)]
+        answers = [await t for t in (first, *large, *small)]
+        await executor.stop()
+        return answers, finished
+
+    answers, finished = asyncio.run(scenario())
+    assert answers == [0, *(20 * i for i in range(1, 6)), *range(6, 46)]
+    # 1 row alone; 20-row requests two at a time (40 >= 32 rows); the fifth with 12 single rows (32);
+    # then 28 single rows, up to the queue's end
+    assert RowsApi.batches == [[1], [20, 20], [20, 20], [20] + [1] * 12, [1] * 28]
+    assert finished[:5] == [0, 1, 2, 3, 4]  # answered batch by batch, not all at the end
+
+
 def test_between_model_calls_the_loop_runs_until_little_is_left() -> None:
     """A request takes several turns of the loop to reach the queue: between two model calls the loop turns until
     what was ready has run, and no more than MAX_TURNS times when new work keeps coming."""
