@@ -368,10 +368,13 @@ def test_inline_batches_stop_at_one_full_model_call_and_answer_as_they_finish() 
     answered when its own batch is done rather than when the last of 32 is; small ones still fill a call."""
     from service.dataplane import InlineExecutor, ModelState
 
+    finished: list[int] = []
+
     class RowsApi:
         name = "probe"
         max_batch_size = 32
         batches: ClassVar[list[list[int]]] = []
+        answered_before: ClassVar[list[int]] = []  # requests answered when each batch started
 
         def setup(self, device: str) -> None: ...
 
@@ -384,6 +387,7 @@ def test_inline_batches_stop_at_one_full_model_call_and_answer_as_they_finish() 
 
         def predict_steps(self, payloads: list[dict[str, Any]], rows: int) -> Any:
             self.batches.append([len(p["x"]) for p in payloads])
+            self.answered_before.append(len(finished))
             time.sleep(0.02)
             yield
             return [sum(p["x"]) for p in payloads]
@@ -391,11 +395,10 @@ def test_inline_batches_stop_at_one_full_model_call_and_answer_as_they_finish() 
         def encode_response(self, y: Any) -> Any:
             return y
 
-    async def scenario() -> tuple[list[Any], list[int]]:
+    async def scenario() -> list[Any]:
         executor = InlineExecutor(RowsApi(), ModelState(slots=1, http_servers=1), slot=0)
         executor.load("cpu")
         executor.start()
-        finished: list[int] = []
 
         async def submit(i: int, rows: int) -> Any:
             answer = await executor.submit({"x": [i] * rows})
@@ -409,14 +412,16 @@ def test_inline_batches_stop_at_one_full_model_call_and_answer_as_they_finish() 
         small = [asyncio.create_task(submit(i, 1)) for i in range(6, 46)]
         answers = [await t for t in (first, *large, *small)]
         await executor.stop()
-        return answers, finished
+        return answers
 
-    answers, finished = asyncio.run(scenario())
+    answers = asyncio.run(scenario())
     assert answers == [0, *(20 * i for i in range(1, 6)), *range(6, 46)]
     # 1 row alone; 20-row requests two at a time (40 >= 32 rows); the fifth with 12 single rows (32);
     # then 28 single rows, up to the queue's end
     assert RowsApi.batches == [[1], [20, 20], [20, 20], [20] + [1] * 12, [1] * 28]
-    assert finished[:5] == [0, 1, 2, 3, 4]  # answered batch by batch, not all at the end
+    # each batch's requests were answered before the next batch ran, not all at the end
+    assert RowsApi.answered_before == [0, 1, 3, 5, 18]
+    assert finished[:5] == [0, 1, 2, 3, 4]
 
 
 def test_between_model_calls_the_loop_runs_until_little_is_left() -> None:
