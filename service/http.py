@@ -45,11 +45,11 @@ import http
 import json
 import logging
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
-from weakref import WeakKeyDictionary
 
 from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -231,7 +231,7 @@ class ConnectionTable:
 
 
 # One table per uvicorn server (LitServe runs one per process; thread mode would run several in one process).
-_TABLES: WeakKeyDictionary[ServerState, ConnectionTable] = WeakKeyDictionary()
+_TABLES: weakref.WeakKeyDictionary[ServerState, ConnectionTable] = weakref.WeakKeyDictionary()
 
 
 class ResponseWrites:
@@ -242,18 +242,23 @@ class ResponseWrites:
     a head alone: behind HAProxy, a client of tests/test_docker.py's replica kill got `peer closed connection
     without sending complete message body`, as the load balancer had passed the head on and could no longer retry.
     With one write a killed server has sent all of a response or none of it, and none is retried elsewhere.
-    A `100 Continue`, written before the response starts, passes at once."""
+    A `100 Continue`, written before the response starts, passes at once.
+
+    The cycle is held weakly: it holds this object as its transport, and a strong reference back made every request
+    a reference cycle, with its scope, exit stacks and events, that only a full collection could free. Five seconds
+    of digits at c=256 left each HTTP server 14 MB above its idle RSS, against 7 MB with the weak reference."""
 
     __slots__ = ("cycle", "head", "head_seen", "transport")
 
     def __init__(self, transport: asyncio.Transport, cycle: Any) -> None:
         self.transport = transport
-        self.cycle = cycle
+        self.cycle = weakref.ref(cycle)
         self.head = b""
         self.head_seen = False
 
     def write(self, data: bytes) -> None:
-        if not self.head_seen and self.cycle.response_started:
+        cycle = self.cycle()
+        if not self.head_seen and cycle is not None and cycle.response_started:
             self.head_seen, self.head = True, data
             return
         if self.head:

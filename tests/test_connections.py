@@ -7,8 +7,11 @@ be answered within a few seconds instead of never), except the lower ones, which
 from __future__ import annotations
 
 import json
+import os
 import select
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -20,7 +23,7 @@ import uvicorn
 
 from bench.server import free_port
 from service.http import Limits, missing_uvicorn_internals, protocol_class
-from tests.serving import RunningServer, running_server
+from tests.serving import ROOT, RunningServer, running_server
 
 HOST = "127.0.0.1"
 KEY = "connection-tests-key"
@@ -502,3 +505,83 @@ def test_a_response_leaves_in_one_write_and_100_continue_at_once() -> None:
     assert recorded.writes[0] == interim
     assert len(recorded.writes) == 2, recorded.writes
     assert recorded.writes[1].startswith(b"HTTP/1.1 200 OK\r\n") and recorded.writes[1].endswith(b"\r\n\r\nok")
+
+
+# --- memory -------------------------------------------------------------------------------------------------
+
+
+def serve_here_and_report_garbage() -> None:
+    """Body of the child of the test below: serve the repository in this process (one HTTP server, inline), send
+    every kind of request twice over real HTTP, and print the second round's statuses and what it left for the
+    cyclic garbage collector, by type."""
+    import collections
+    import gc
+    import tempfile
+
+    from bench.payloads import SHAPES, build_requests
+    from service.config import Settings
+    from service.http import uvicorn_options
+    from service.server import build_server
+    from tests.data import cifar_test_pngs, mnist_test_pngs
+
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp()
+    port = free_port()
+    settings = Settings(device="cpu", host=HOST, port=port, api_servers=1)
+    nnserver = build_server(settings)
+    nnserver.set_api_server_id(nnserver.app, 0)
+    config = uvicorn.Config(
+        nnserver.asgi_app(), host=HOST, port=port, lifespan="on", log_level="warning", **uvicorn_options(settings)
+    )
+    server = uvicorn.Server(config)
+    threading.Thread(target=server.run, daemon=True).start()
+    digits = [png for png, _ in mnist_test_pngs(8)]
+    cifar = [png for png, _ in cifar_test_pngs()[:8]]
+    sent = [
+        *build_requests("digits", SHAPES["x1"], digits[:1], [], port),
+        *build_requests("digits", SHAPES["x8-multipart"], digits, [], port),
+        *build_requests("cifar", SHAPES["x8-json"], cifar, [], port),
+        *build_requests("cifar", SHAPES["v2-x1"], cifar[:1], [], port),
+        *build_requests("sequence", SHAPES["series"], [], [[12.5] * 30], port),
+        request("POST", "/v1/digits/predict", {"Content-Type": "image/png"}, b"not a png"),
+        request("POST", "/v1/nope/predict", {"Content-Type": "image/png"}, digits[0]),
+        request("GET", "/ready"),
+        request("GET", "/metrics"),
+    ]
+    deadline = time.monotonic() + 120
+    while not (server.started and all(state.is_ready() for state in nnserver.state.models.values())):
+        assert time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.05)
+    statuses: list[int] = []
+    for round_ in range(2):
+        if round_ == 1:  # the first round made what is made once (imports, caches); count only the second's
+            gc.collect()
+            gc.disable()
+            gc.set_debug(gc.DEBUG_SAVEALL)  # what the collector finds is kept in gc.garbage, not freed
+        with connect(port) as sock:
+            reader = Reader(sock)
+            for raw in sent:
+                sock.sendall(raw)
+                statuses.append(reader.response().status)
+        while server.server_state.connections:  # the server has closed its side too
+            assert time.monotonic() < deadline, "the connection stayed open"
+            time.sleep(0.05)
+    gc.collect()
+    garbage = collections.Counter(f"{type(o).__module__}.{type(o).__qualname__}" for o in gc.garbage)
+    print(json.dumps({"statuses": statuses[len(sent) :], "garbage": garbage}))
+
+
+def test_served_requests_are_freed_as_they_end_not_by_the_cyclic_collector() -> None:
+    """A request whose objects form a reference cycle stays in memory, with its scope and buffers, until a full
+    collection finds it: when every request did, five seconds of digits at c=256 left each HTTP server 14 MB above
+    its idle RSS instead of 7. Every kind of request, answered or refused, must be freed the moment it ends."""
+    out = subprocess.run(
+        [sys.executable, "-c", "from tests.test_connections import serve_here_and_report_garbage as f; f()"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.splitlines()[-1])
+    assert report["statuses"] == [200, 200, 200, 200, 200, 400, 404, 200, 200], report
+    assert report["garbage"] == {}, report["garbage"]
