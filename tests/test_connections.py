@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import uvicorn
@@ -516,7 +517,6 @@ def serve_here_and_report_garbage() -> None:
     cyclic garbage collector, by type."""
     import collections
     import gc
-    import tempfile
 
     from bench.payloads import SHAPES, build_requests
     from service.config import Settings
@@ -524,7 +524,6 @@ def serve_here_and_report_garbage() -> None:
     from service.server import build_server
     from tests.data import cifar_test_pngs, mnist_test_pngs
 
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp()
     port = free_port()
     settings = Settings(device="cpu", host=HOST, port=port, api_servers=1)
     nnserver = build_server(settings)
@@ -570,13 +569,14 @@ def serve_here_and_report_garbage() -> None:
     print(json.dumps({"statuses": statuses[len(sent) :], "garbage": garbage}))
 
 
-def test_served_requests_are_freed_as_they_end_not_by_the_cyclic_collector() -> None:
+def test_served_requests_are_freed_as_they_end_not_by_the_cyclic_collector(tmp_path: Path) -> None:
     """A request whose objects form a reference cycle stays in memory, with its scope and buffers, until a full
     collection finds it: when every request did, five seconds of digits at c=256 left each HTTP server 14 MB above
     its idle RSS instead of 7. Every kind of request, answered or refused, must be freed the moment it ends."""
     out = subprocess.run(
         [sys.executable, "-c", "from tests.test_connections import serve_here_and_report_garbage as f; f()"],
         cwd=ROOT,
+        env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)},  # read when prometheus_client is imported
         capture_output=True,
         text=True,
         timeout=300,
