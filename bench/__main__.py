@@ -211,15 +211,15 @@ def _loadavg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def measure_compute(args: argparse.Namespace, payloads: Payloads) -> list[dict[str, Any]]:
-    """The compute line per model, measured before any server starts so nothing else competes for the CPU."""
+def measure_compute(args: argparse.Namespace, payloads: Payloads, when: str = "") -> list[dict[str, Any]]:
+    """The compute line per model, measured while no server runs so nothing else competes for the CPU."""
     out = []
     for name, version in payloads.versions.items():
         inputs = model_inputs(version.manifest, payloads.images.get(name, []), payloads.series.get(name, []))
         path, input_name = version.artifact_path("onnx"), version.manifest.input.name
         line = compute_line(name, path, input_name, inputs, args.compute_seconds, args.device)
         out.append(line.record())
-        _log(f"compute line {name}: {line.items_per_s:.0f} items/s (batch {line.batch}, {line.how})")
+        _log(f"compute line{when} {name}: {line.items_per_s:.0f} items/s (batch {line.batch}, {line.how})")
     return out
 
 
@@ -510,6 +510,10 @@ def main(argv: list[str] | None = None) -> int:
             result["compute"] = measure_compute(args, payloads)
         for name in args.systems:
             bench_system(args, args.catalog[name], payloads, result)
+        if args.compute_seconds > 0:
+            # The same 2-core VM measured it 12% apart in two runs hours apart, more than either server moved: measured
+            # again at the end, the report says how far the machine moved while the systems ran.
+            result["compute_after"] = measure_compute(args, payloads, " after the servers")
     result["meta"]["loadavg_after"] = _loadavg()
     result["meta"]["wall_s"] = round((datetime.now(UTC) - started).total_seconds(), 1)
     result["ratios"] = report.ratios(result)

@@ -96,6 +96,21 @@ def _compute(result: Result, model: str) -> dict[str, Any] | None:
     return next((c for c in result["compute"] if c["model"] == model), None)
 
 
+def compute_drift(result: Result, model: str) -> float | None:
+    """How far the compute line measured after the servers moved from the one before them (the line the targets use),
+    as a fraction; None when either is missing."""
+    before = _compute(result, model)
+    after = next((c for c in result.get("compute_after", []) if c["model"] == model), None)
+    if before is None or after is None:
+        return None
+    return after["items_per_s"] / before["items_per_s"] - 1.0
+
+
+def _drift_note(result: Result, model: str) -> str:
+    drift = compute_drift(result, model)
+    return "" if drift is None else f" (measured again after the servers: {drift:+.0%})"
+
+
 def comparisons(result: Result) -> list[tuple[str, str]]:
     """(label, system) of what nnserve's items/s is divided by: the strong peer first."""
     peer = result["meta"]["peer"]
@@ -155,7 +170,7 @@ def _against_compute(result: Result) -> Iterator[dict[str, Any]]:
         yield _check(name, None, NOT_MEASURED)
         return
     share = nn["items_per_s"] / line["items_per_s"]
-    detail = f"{nn['items_per_s']:.0f} vs {line['items_per_s']:.0f} items/s ({share:.0%})"
+    detail = f"{nn['items_per_s']:.0f} vs {line['items_per_s']:.0f} items/s ({share:.0%}){_drift_note(result, 'cifar')}"
     yield _check(name, share >= COMPUTE_SHARE, detail)
 
 
@@ -182,7 +197,7 @@ def _multi_item(result: Result) -> Iterator[dict[str, Any]]:
             figures.append(figure)
         missing = [c for c in shape.concurrency if not find(result, "nnserve", model, shape.name, c)]
         detail = f"{refused} refused; items/s " + ", ".join(figures)
-        detail += f" vs {line['items_per_s']:.0f}" if with_compute and line else ""
+        detail += f" vs {line['items_per_s']:.0f}{_drift_note(result, model)}" if with_compute and line else ""
         detail += f"; not measured at c={','.join(map(str, missing))}" if missing else ""
         # a failure at any measured point fails the line; all passing but some unmeasured is not a pass yet
         yield _check(name, None if ok and missing else ok, detail)
@@ -342,6 +357,10 @@ def text(result: Result) -> str:
                 f"  {c['model']:<9}{c['items_per_s']:>9.0f}  batch {c['batch']}, {c['how']}  "
                 f"(1 thread by batch: {per_batch})"
             )
+        for c in result.get("compute_after", []):
+            drift = compute_drift(result, c["model"])
+            moved = "" if drift is None else f" ({drift:+.1%})"
+            lines.append(f"  {c['model']:<9}{c['items_per_s']:>9.0f}  measured again after the servers{moved}")
     pairs = list(dict.fromkeys(comparisons(result)))
     shown = [(label, other) for label, other in pairs if any(row[label] is not None for row in result["ratios"])]
     if shown:

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from bench.loadgen import HOST, REFUSED, run_load
-from bench.report import summarize
+from bench.report import summarize, targets
 from bench.server import Server, free_port
 from bench.systems import catalog
 from tests.data import cifar_test_pngs, data_dir, mnist_test_pngs, weather_2015
@@ -123,6 +123,22 @@ def test_load_generator_keeps_refusals_apart() -> None:
     assert row["slowest_ms"][str(REFUSED)] < 40.0 <= row["slowest_ms"]["200"]
 
 
+def test_lines_against_the_compute_line_say_how_far_it_moved_during_the_run() -> None:
+    """The verdict is against the compute line measured before the servers; the line measured after them is shown
+    beside it, so a machine that changed speed meanwhile is seen in the verdict's own line."""
+    result = json.loads((ROOT / "bench/results/latest-cpu.json").read_text())  # a full run: every line measured
+    result.pop("compute_after", None)
+    against = [t for t in targets(result) if "of the compute line" in t["name"]]
+    assert len(against) == 6  # cifar single images, and the five cifar shapes of several images
+    result["compute_after"] = [{**c, "items_per_s": c["items_per_s"] * 0.9} for c in result["compute"]]
+    moved = [t for t in targets(result) if "of the compute line" in t["name"]]
+    assert [t["status"] for t in moved] == [t["status"] for t in against]
+    for before, after in zip(against, moved, strict=True):
+        assert "(measured again after the servers: -10%)" not in before["detail"]
+        assert after["detail"].startswith(before["detail"].split(";")[0]), (before, after)
+        assert "(measured again after the servers: -10%)" in after["detail"]
+
+
 def test_tiny_run_of_every_system_records_what_produced_it(tmp_path: Path) -> None:
     systems = list(catalog(2))
     argv = [sys.executable, "-m", "bench", "--systems", ",".join(systems), "--models", "digits"]
@@ -171,6 +187,11 @@ def test_tiny_run_of_every_system_records_what_produced_it(tmp_path: Path) -> No
     }
     assert servers["peer-ort-2"]["processes"] >= 3 and servers["peer-ort-1"]["processes"] == 1
     assert result["compute"][0]["model"] == "digits" and result["compute"][0]["items_per_s"] > 0
+    # measured again once every system has stopped, and the report says how far the machine moved meanwhile
+    after = result["compute_after"]
+    assert [c["model"] for c in after] == ["digits"] and after[0]["items_per_s"] > 0
+    moved = after[0]["items_per_s"] / result["compute"][0]["items_per_s"] - 1
+    assert f"measured again after the servers ({moved:+.1%})" in done.stdout
 
     statuses = {t["name"]: t["status"] for t in result["targets"]}
     assert set(statuses.values()) <= {"PASS", "FAIL", "SKIP"}
