@@ -532,7 +532,8 @@ def serve_here_and_report_garbage() -> None:
         nnserver.asgi_app(), host=HOST, port=port, lifespan="on", log_level="warning", **uvicorn_options(settings)
     )
     server = uvicorn.Server(config)
-    threading.Thread(target=server.run, daemon=True).start()
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
     digits = [png for png, _ in mnist_test_pngs(8)]
     cifar = [png for png, _ in cifar_test_pngs()[:8]]
     sent = [
@@ -566,7 +567,13 @@ def serve_here_and_report_garbage() -> None:
             time.sleep(0.05)
     gc.collect()
     garbage = collections.Counter(f"{type(o).__module__}.{type(o).__qualname__}" for o in gc.garbage)
-    print(json.dumps({"statuses": statuses[len(sent) :], "garbage": garbage}))
+    print(json.dumps({"statuses": statuses[len(sent) :], "garbage": garbage}), flush=True)
+    gc.set_debug(0)
+    gc.garbage.clear()
+    gc.enable()
+    server.should_exit = True  # stopped as a server stops (its models unloaded), not torn down with the interpreter
+    thread.join(timeout=30)
+    assert not thread.is_alive(), "the server did not stop"
 
 
 def test_served_requests_are_freed_as_they_end_not_by_the_cyclic_collector(tmp_path: Path) -> None:
