@@ -511,8 +511,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.systems:
             bench_system(args, args.catalog[name], payloads, result)
         if args.compute_seconds > 0:
-            # The same 2-core VM measured it 12% apart in two runs hours apart, more than either server moved: measured
-            # again at the end, the report says how far the machine moved while the systems ran.
+            # The same 2-core VM measured it 12% apart in two runs hours apart, and 27% apart before and after the
+            # systems of one run (cifar, 960 and 1,216 images/s): the report says how far it moved meanwhile.
             result["compute_after"] = measure_compute(args, payloads, " after the servers")
     result["meta"]["loadavg_after"] = _loadavg()
     result["meta"]["wall_s"] = round((datetime.now(UTC) - started).total_seconds(), 1)

@@ -92,15 +92,15 @@ def _one(result: Result, system: str, model: str, shape: str, concurrency: int) 
     return runs[0] if runs else None
 
 
-def _compute(result: Result, model: str) -> dict[str, Any] | None:
-    return next((c for c in result["compute"] if c["model"] == model), None)
+def _compute(result: Result, model: str, when: str = "compute") -> dict[str, Any] | None:
+    """The compute line of `model` as measured before the servers (`compute`) or after them (`compute_after`)."""
+    return next((c for c in result.get(when, []) if c["model"] == model), None)
 
 
 def compute_drift(result: Result, model: str) -> float | None:
     """How far the compute line measured after the servers moved from the one before them (the line the targets use),
     as a fraction; None when either is missing."""
-    before = _compute(result, model)
-    after = next((c for c in result.get("compute_after", []) if c["model"] == model), None)
+    before, after = _compute(result, model), _compute(result, model, "compute_after")
     if before is None or after is None:
         return None
     return after["items_per_s"] / before["items_per_s"] - 1.0

@@ -421,6 +421,13 @@ def uvicorn_in_thread(limits: Limits) -> Iterator[uvicorn.Server]:
     config = uvicorn.Config(
         app, host=HOST, port=free_port(), http=protocol_class(limits), ws="none", lifespan="off", log_level="warning"
     )
+    with serving_in_thread(config) as server:
+        yield server
+
+
+@contextmanager
+def serving_in_thread(config: uvicorn.Config) -> Iterator[uvicorn.Server]:
+    """uvicorn serving `config` on a thread of this process, started, and stopped as a server stops."""
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -432,7 +439,8 @@ def uvicorn_in_thread(limits: Limits) -> Iterator[uvicorn.Server]:
         yield server
     finally:
         server.should_exit = True
-        thread.join(timeout=15)
+        thread.join(timeout=30)
+    assert not thread.is_alive(), "uvicorn did not stop"
 
 
 def test_uvicorn_internals() -> None:
@@ -531,9 +539,6 @@ def serve_here_and_report_garbage() -> None:
     config = uvicorn.Config(
         nnserver.asgi_app(), host=HOST, port=port, lifespan="on", log_level="warning", **uvicorn_options(settings)
     )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
     digits = [png for png, _ in mnist_test_pngs(8)]
     cifar = [png for png, _ in cifar_test_pngs()[:8]]
     sent = [
@@ -547,33 +552,32 @@ def serve_here_and_report_garbage() -> None:
         request("GET", "/ready"),
         request("GET", "/metrics"),
     ]
-    deadline = time.monotonic() + 120
-    while not (server.started and all(state.is_ready() for state in nnserver.state.models.values())):
-        assert time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
-    statuses: list[int] = []
-    for round_ in range(2):
-        if round_ == 1:  # the first round made what is made once (imports, caches); count only the second's
-            gc.collect()
-            gc.disable()
-            gc.set_debug(gc.DEBUG_SAVEALL)  # what the collector finds is kept in gc.garbage, not freed
-        with connect(port) as sock:
-            reader = Reader(sock)
-            for raw in sent:
-                sock.sendall(raw)
-                statuses.append(reader.response().status)
-        while server.server_state.connections:  # the server has closed its side too
-            assert time.monotonic() < deadline, "the connection stayed open"
+    # Stopped as a server stops (its models unloaded), not torn down with the interpreter around a running thread.
+    with serving_in_thread(config) as server:
+        deadline = time.monotonic() + 120
+        while not all(state.is_ready() for state in nnserver.state.models.values()):
+            assert time.monotonic() < deadline, "the models did not get ready"
             time.sleep(0.05)
-    gc.collect()
-    garbage = collections.Counter(f"{type(o).__module__}.{type(o).__qualname__}" for o in gc.garbage)
-    print(json.dumps({"statuses": statuses[len(sent) :], "garbage": garbage}), flush=True)
-    gc.set_debug(0)
-    gc.garbage.clear()
-    gc.enable()
-    server.should_exit = True  # stopped as a server stops (its models unloaded), not torn down with the interpreter
-    thread.join(timeout=30)
-    assert not thread.is_alive(), "the server did not stop"
+        statuses: list[int] = []
+        for round_ in range(2):
+            if round_ == 1:  # the first round made what is made once (imports, caches); count only the second's
+                gc.collect()
+                gc.disable()
+                gc.set_debug(gc.DEBUG_SAVEALL)  # what the collector finds is kept in gc.garbage, not freed
+            with connect(port) as sock:
+                reader = Reader(sock)
+                for raw in sent:
+                    sock.sendall(raw)
+                    statuses.append(reader.response().status)
+            while server.server_state.connections:  # the server has closed its side too
+                assert time.monotonic() < deadline, "the connection stayed open"
+                time.sleep(0.05)
+        gc.collect()
+        garbage = collections.Counter(f"{type(o).__module__}.{type(o).__qualname__}" for o in gc.garbage)
+        print(json.dumps({"statuses": statuses[len(sent) :], "garbage": garbage}), flush=True)
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
 
 
 def test_served_requests_are_freed_as_they_end_not_by_the_cyclic_collector(tmp_path: Path) -> None:
