@@ -19,9 +19,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 import models
 from bench import report
-from bench.compute import compute_line
+from bench.compute import ComputeLine, compute_line, measure_again
 from bench.loadgen import HOST, LoadStats, run, run_load
 from bench.payloads import (
     SHAPES,
@@ -154,6 +156,7 @@ class Payloads:
     versions: dict[str, models.ModelVersion]
     images: dict[str, list[bytes]] = field(default_factory=dict)
     series: dict[str, list[list[float]]] = field(default_factory=dict)
+    inputs: dict[str, np.ndarray] = field(default_factory=dict)
 
     @classmethod
     def load(cls, data_dir: Path, models_dir: Path, names: list[str]) -> Payloads:
@@ -173,6 +176,13 @@ class Payloads:
     def requests(self, system: System, model: str, shape: Shape, port: int) -> list[bytes]:
         images, series = self.images.get(model, []), self.series.get(model, [])
         return build_requests(model, shape, images, series, port, json_only=system.json_only)
+
+    def model_inputs(self, model: str) -> np.ndarray:
+        """The model's input tensor made from the payloads, as the compute line feeds it (decoded once)."""
+        if model not in self.inputs:
+            manifest = self.versions[model].manifest
+            self.inputs[model] = model_inputs(manifest, self.images.get(model, []), self.series.get(model, []))
+        return self.inputs[model]
 
 
 def _probe(port: int, request: bytes, items: int, timeout: float, constant: bool) -> str | None:
@@ -215,12 +225,33 @@ def measure_compute(args: argparse.Namespace, payloads: Payloads, when: str = ""
     """The compute line per model, measured while no server runs so nothing else competes for the CPU."""
     out = []
     for name, version in payloads.versions.items():
-        inputs = model_inputs(version.manifest, payloads.images.get(name, []), payloads.series.get(name, []))
         path, input_name = version.artifact_path("onnx"), version.manifest.input.name
-        line = compute_line(name, path, input_name, inputs, args.compute_seconds, args.device)
+        line = compute_line(name, path, input_name, payloads.model_inputs(name), args.compute_seconds, args.device)
         out.append(line.record())
         _log(f"compute line{when} {name}: {line.items_per_s:.0f} items/s (batch {line.batch}, {line.how})")
     return out
+
+
+def _settle(server: Server, timeout_s: float = 30.0) -> None:
+    """Wait until the server has finished what the last load left in flight (its CPU use under a twentieth of a core
+    over a quarter of a second), so that a measurement beside it competes with nothing."""
+    deadline, last = time.monotonic() + timeout_s, server.cpu_seconds()
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        now = server.cpu_seconds()
+        if now - last < 0.25 / 20:
+            return
+        last = now
+
+
+def measure_beside(args: argparse.Namespace, payloads: Payloads, server: Server, line: dict[str, Any]) -> float:
+    """The run's compute line for one model measured again, the way it was found, while `server` idles between
+    two of its points. The same 2-core VM measured the line 27% apart before and after the systems of one run."""
+    _settle(server)
+    version = payloads.versions[line["model"]]
+    path, input_name = version.artifact_path("onnx"), version.manifest.input.name
+    inputs = payloads.model_inputs(line["model"])
+    return measure_again(ComputeLine(**line), path, input_name, inputs, args.compute_seconds, args.device)
 
 
 def plan(args: argparse.Namespace, system: System, payloads: Payloads) -> list[tuple[str, Shape, int, int]]:
@@ -277,6 +308,7 @@ def bench_system(args: argparse.Namespace, system: System, payloads: Payloads, r
         result["servers"][system.name] = {"error": str(e)}
         return
     points = plan(args, system, payloads)
+    lines = {c["model"]: c for c in result["compute"]} if system.name in ("nnserve", args.peer) else {}
     if not points:
         _log(f"  {system.name}: no model here takes the shapes {', '.join(args.shapes)}")
     try:
@@ -285,8 +317,13 @@ def bench_system(args: argparse.Namespace, system: System, payloads: Payloads, r
             problem = _probe(port, requests[0], shape.items, args.timeout, system.answers_constant)
             if problem:
                 _log(f"  {system.name} {model} {shape.name}: wrong answer to a single request: {problem}")
+            line = lines.get(model) if report.judged_against_compute(model, shape.name, concurrency) else None
+            before = measure_beside(args, payloads, server, line) if line else None
             summaries = [_measure(args, server, requests, shape.items, concurrency) for _ in range(repeats)]
             row = {"system": system.name, "model": model, "shape": shape.name, **report.with_repeats(summaries)}
+            if line and before is not None:
+                after = measure_beside(args, payloads, server, line)
+                row["compute_line"] = {"before": before, "after": after, "items_per_s": (before + after) / 2}
             row["answer_check"] = problem or "ok"
             result["runs"].append(row)
             p99 = row["latency_ms"]["p99"]
@@ -296,6 +333,7 @@ def bench_system(args: argparse.Namespace, system: System, payloads: Payloads, r
                 f"503s {row['refused']} errors {row['errors']}  client {row['client_cpu_cores']:.2f} cpu"
                 f"  server {row['server_cpu_cores']:.2f} cpu"
                 + (f"  spread {row['spread_pct']:.1f}%" if "spread_pct" in row else "")
+                + (f"  compute line beside {row['compute_line']['items_per_s']:.0f}" if "compute_line" in row else "")
             )
             server.check_torch()
     finally:

@@ -3,7 +3,8 @@
 Per model: one intra-op thread at each batch size in BATCHES; then, at the best of them, all cores used two
 ways, one session with one intra-op thread per core and one single-thread session per core in as many
 processes. The compute line is the better of the two: what the cores can do with the model and nothing else,
-the ceiling a server's items/s is held against.
+the ceiling a server's items/s is held against. `measure_again` repeats the winning way alone, beside a server's
+point, so the point is held against the machine as it runs then.
 """
 
 from __future__ import annotations
@@ -122,3 +123,16 @@ def compute_line(
     processes = per_core_processes(model_path, input_name, inputs, best, seconds, cores)
     how = f"{cores} intra-op threads" if threads >= processes else f"{cores} processes x 1 thread"
     return ComputeLine(model, max(threads, processes), best, how, one_thread, providers, threads, processes)
+
+
+def measure_again(
+    line: ComputeLine, model_path: Path, input_name: str, inputs: np.ndarray, seconds: float, device: str
+) -> float:
+    """Items/s of `line` measured once more the way it was found: its batch size, on all cores the way that won
+    (on a GPU, the one session)."""
+    if line.all_cores_threads is None or line.all_cores_processes is None:
+        return onnx_items_per_s(model_path, input_name, inputs, line.batch, seconds, device)[0]
+    cores = os.cpu_count() or 1
+    if line.all_cores_threads >= line.all_cores_processes:
+        return onnx_items_per_s(model_path, input_name, inputs, line.batch, seconds, device, threads=cores)[0]
+    return per_core_processes(model_path, input_name, inputs, line.batch, seconds, cores)

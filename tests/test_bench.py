@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import copy
 import gc
 import json
 import os
@@ -12,13 +13,14 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
 import pytest
 
 from bench.loadgen import HOST, REFUSED, run_load
-from bench.report import summarize, targets
+from bench.report import judged_against_compute, summarize, targets
 from bench.server import Server, free_port
 from bench.systems import catalog
 from tests.data import cifar_test_pngs, data_dir, mnist_test_pngs, weather_2015
@@ -123,20 +125,54 @@ def test_load_generator_keeps_refusals_apart() -> None:
     assert row["slowest_ms"][str(REFUSED)] < 40.0 <= row["slowest_ms"]["200"]
 
 
-def test_lines_against_the_compute_line_say_how_far_it_moved_during_the_run() -> None:
-    """The verdict is against the compute line measured before the servers; the line measured after them is shown
-    beside it, so a machine that changed speed meanwhile is seen in the verdict's own line."""
+def _against_compute(result: dict[str, Any]) -> list[dict[str, Any]]:
+    return [t for t in targets(result) if "of the compute line" in t["name"]]
+
+
+def _held_at(result: dict[str, Any], share: float) -> dict[str, Any]:
+    """`result` with every judged point given a compute line beside it that the point reaches `share` of."""
+    out = copy.deepcopy(result)
+    for r in out["runs"]:
+        if judged_against_compute(r["model"], r["shape"], r["concurrency"]):
+            line = r["items_per_s"] / share
+            r["compute_line"] = {"before": line * 0.9, "after": line * 1.1, "items_per_s": line}
+    return out
+
+
+def test_lines_against_the_compute_line_hold_each_point_against_the_line_measured_beside_it() -> None:
+    """A point is held against the compute line measured just before and after it, not against the run's line
+    measured minutes earlier; the run's line, before and after the systems, stays named in the detail."""
     result = json.loads((ROOT / "bench/results/latest-cpu.json").read_text())  # a full run: every line measured
-    result.pop("compute_after", None)
-    against = [t for t in targets(result) if "of the compute line" in t["name"]]
-    assert len(against) == 6  # cifar single images, and the five cifar shapes of several images
-    result["compute_after"] = [{**c, "items_per_s": c["items_per_s"] * 0.9} for c in result["compute"]]
-    moved = [t for t in targets(result) if "of the compute line" in t["name"]]
-    assert [t["status"] for t in moved] == [t["status"] for t in against]
-    for before, after in zip(against, moved, strict=True):
-        assert "(measured again after the servers: -10%)" not in before["detail"]
-        assert after["detail"].startswith(before["detail"].split(";")[0]), (before, after)
-        assert "(measured again after the servers: -10%)" in after["detail"]
+    for r in result["runs"]:
+        r.pop("compute_line", None)
+    alone = _against_compute(result)
+    assert len(alone) == 6  # cifar single images, and the five cifar shapes of several images
+    assert all("beside it" not in t["detail"] and "the run's line" in t["detail"] for t in alone)
+    above, below = _against_compute(_held_at(result, 0.86)), _against_compute(_held_at(result, 0.84))
+    assert [t["status"] for t in above] == ["PASS"] * 6  # the committed run refused nothing
+    assert [t["status"] for t in below] == ["FAIL"] * 6
+    for t in above + below:
+        assert "beside it" in t["detail"] and "the run's line" in t["detail"], t
+    assert ", 86% of " in above[0]["detail"] and "(84% of " in below[1]["detail"]
+
+
+def test_a_judged_point_measures_the_compute_line_beside_it(tmp_path: Path) -> None:
+    """The compute line is measured again before and after each point a target holds against it, with the
+    server idle, and the verdict uses that measurement."""
+    argv = [sys.executable, "-m", "bench", "--only", "nnserve:cifar:x8-json", "--concurrency", "8"]
+    argv += ["--duration", "1", "--warmup", "0.3", "--compute-seconds", "0.1"]
+    argv += ["--data-dir", str(data_dir()), "--out", str(tmp_path)]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "latest-cpu-only.json").read_text())
+    (row,) = result["runs"]
+    line = row["compute_line"]
+    assert line["before"] > 0 and line["after"] > 0
+    assert line["items_per_s"] == pytest.approx((line["before"] + line["after"]) / 2)
+    (verdict,) = (t for t in result["targets"] if t["name"].startswith("cifar x8-json"))
+    share = row["items_per_s"] / line["items_per_s"]
+    assert f"c=8 {row['items_per_s']:.0f} ({share:.0%} of {line['items_per_s']:.0f} beside it)" in verdict["detail"]
+    assert f"compute line beside {line['items_per_s']:.0f}" in done.stderr
 
 
 def test_tiny_run_of_every_system_records_what_produced_it(tmp_path: Path) -> None:
