@@ -143,6 +143,16 @@ def test_lines_against_the_compute_line_hold_each_point_against_the_line_measure
     """A point is held against the compute line measured just before and after it, not against the run's line
     measured minutes earlier; the run's line, before and after the systems, stays named in the detail."""
     result = json.loads((ROOT / "bench/results/latest-cpu.json").read_text())  # a full run: every line measured
+    peer = result["meta"]["peer"]
+    judged = [
+        r
+        for r in result["runs"]
+        if r["system"] in ("nnserve", peer) and judged_against_compute(r["model"], r["shape"], r["concurrency"])
+    ]
+    assert {r["system"] for r in judged} == {"nnserve", peer}
+    for r in judged:  # the committed run measured the line beside each of them
+        line = r.get("compute_line")
+        assert line and line["before"] > 0 and line["after"] > 0, (r["system"], r["shape"], r["concurrency"])
     for r in result["runs"]:
         r.pop("compute_line", None)
     alone = _against_compute(result)
