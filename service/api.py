@@ -103,6 +103,7 @@ class ModelAPI(ls.LitAPI):
         self.backend = settings.backend
         self.device_kind = device
         self.threads = threads
+        self.arena = settings.cpu_memory_arena
         self.workers = settings.workers_per_device
         self.log_level = settings.log_level
         self.state = state
@@ -130,7 +131,8 @@ class ModelAPI(ls.LitAPI):
         logs.configure(self.log_level)
         artifact = "torchscript" if self.backend == "torchscript" else "onnx"
         try:
-            self.runtime = load_runtime(self.backend, self.model.artifact_path(artifact), device, self.threads)
+            path = self.model.artifact_path(artifact)
+            self.runtime = load_runtime(self.backend, path, device, self.threads, self.arena)
             self.check_input(self.runtime.input_shape)
         except Exception as e:
             if self.errors is not None:

@@ -44,6 +44,11 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(
         0, ge=0, description="Threads for batches of 8+ (smaller use one); 0 splits the cores among a model's workers."
     )
+    cpu_memory_arena: bool = Field(
+        False,
+        description="ONNX Runtime's CPU memory arena: faster model calls, and each process keeps the buffers of the "
+        "largest batch it has run.",
+    )
     api_key: str | None = Field(
         None, description="When set, every route but the probes, the web page and the API docs needs this key."
     )

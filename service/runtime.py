@@ -133,15 +133,15 @@ WIDE_BATCH = 8
 
 
 class OnnxRuntime:
-    def __init__(self, path: Path, device: str, threads: int) -> None:
+    def __init__(self, path: Path, device: str, threads: int, arena: bool) -> None:
         on_gpu = device.startswith("cuda")
-        self.narrow = self._session(path, device, 1)
+        self.narrow = self._session(path, device, 1, arena)
         if on_gpu:
             # One session per padded size (`service.api.padded_sizes`): each keeps the one input shape it has run,
             # so neither plans its kernels again when calls alternate between a few rows and 128.
-            self.wide = self._session(path, device, 1)
+            self.wide = self._session(path, device, 1, arena)
         elif threads > 1:
-            self.wide = self._session(path, device, threads)
+            self.wide = self._session(path, device, threads, arena)
         else:
             self.wide = self.narrow
         self.providers = self.narrow.get_providers()
@@ -151,7 +151,7 @@ class OnnxRuntime:
         self.input_shape = list(self.narrow.get_inputs()[0].shape)
 
     @staticmethod
-    def _session(path: Path, device: str, threads: int) -> Any:
+    def _session(path: Path, device: str, threads: int, arena: bool) -> Any:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -165,13 +165,14 @@ class OnnxRuntime:
         if device.startswith("cuda"):
             load_cuda_libraries()
         else:
-            # The arena keeps the largest batch's buffers for good; without it memory follows the load. Not on a
-            # GPU, where the CUDA provider's pinned host buffers come from it too. Off, each call maps its
+            # The arena keeps the largest batch's buffers for good; without it memory follows the load. Always on
+            # a GPU, where the CUDA provider's pinned host buffers come from it too. Off, each call maps its
             # activation buffers afresh (449 page faults per 7-row CIFAR-10 call): one session measured 1.88-1.96
             # against 1.75-1.86 ms per CIFAR-10 image, 0.27-0.30 against 0.22-0.24 ms per digit. On, even as one
             # arena shared by a process's sessions and shrunk after the warm-up, each HTTP server held 22-30 MB
-            # more under load, and the server's summed RSS peaked at 349 MB against 298 (2-core VM).
-            options.enable_cpu_mem_arena = False
+            # more under load, and the server's summed RSS peaked at 349 MB against 298 (2-core VM). Off unless
+            # `NNSERVE_CPU_MEMORY_ARENA` asks for the speed.
+            options.enable_cpu_mem_arena = arena
         return ort.InferenceSession(str(path), options, providers=onnx_providers(device))
 
     def run(self, x: np.ndarray) -> np.ndarray:
@@ -197,10 +198,11 @@ class TorchScriptRuntime:
             return self.module(self._torch.from_numpy(x).to(self.device)).float().cpu().numpy()
 
 
-def load_runtime(backend: str, path: Path, device: str, threads: int) -> Runtime:
+def load_runtime(backend: str, path: Path, device: str, threads: int, arena: bool) -> Runtime:
+    """The model's runtime; `arena` turns ONNX Runtime's CPU memory arena on (TorchScript keeps torch's allocator)."""
     if backend == "torchscript":
         return TorchScriptRuntime(path, device, threads)
-    return OnnxRuntime(path, device, threads)
+    return OnnxRuntime(path, device, threads, arena)
 
 
 def available_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:

@@ -22,6 +22,7 @@ from service.api import ClassifierAPI
 from service.config import Settings
 from service.dataplane import ModelState
 from service.errors import ApiError
+from service.runtime import WIDE_BATCH, OnnxRuntime
 from tests.data import mnist_test, mnist_test_pngs
 from tests.serving import ROOT, RunningServer, metric_sum, process_name, running_server
 
@@ -129,6 +130,26 @@ def test_process_counts_left_unset_follow_the_host(device: str, cpus: int, expec
     assert (chosen.api_servers, chosen.workers_per_device) == expected
     given = Settings(api_servers=3, workers_per_device=5).for_host(device, cpus)
     assert (given.api_servers, given.workers_per_device) == (3, 5)
+
+
+@pytest.mark.parametrize("arena", ["", "false", "true"])
+def test_the_cpu_memory_arena_setting_reaches_both_sessions_of_a_model(
+    arena: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NNSERVE_CPU_MEMORY_ARENA turns ONNX Runtime's CPU arena on for the one-thread and the wide session alike;
+    unset, it stays off."""
+    if arena:
+        monkeypatch.setenv("NNSERVE_CPU_MEMORY_ARENA", arena)
+    model = models.load(ROOT / "models", "digits")
+    api = ClassifierAPI(model, Settings(), "cpu", 2, ModelState(slots=1, http_servers=1))
+    api.setup("cpu")
+    runtime = api.runtime
+    assert isinstance(runtime, OnnxRuntime) and runtime.narrow is not runtime.wide
+    on = [s.get_session_options().enable_cpu_mem_arena for s in (runtime.narrow, runtime.wide)]
+    assert on == [arena == "true"] * 2
+    images, labels = mnist_test()
+    answers = api.predict([{"x": images[i][None, None], "top_k": 1} for i in range(WIDE_BATCH)])
+    assert [json.loads(api.encode_response(a))["predictions"][0]["index"] for a in answers] == list(labels[:WIDE_BATCH])
 
 
 def test_a_failing_item_does_not_fail_its_batch_and_gets_a_500() -> None:
