@@ -212,15 +212,15 @@ def _multi_item(result: Result) -> Iterator[dict[str, Any]]:
         name = f"{model} {shape.name} c={','.join(map(str, shape.concurrency))}: zero 503s"
         name += f", items/s >= {COMPUTE_SHARE:.0%} of the compute line" if with_compute else ""
         runs = [r for c in shape.concurrency for r in find(result, "nnserve", model, shape.name, c)]
-        shares = {id(r): compute_share(result, r) for r in runs} if with_compute else {}
-        if not runs or None in shares.values():
+        shares = [compute_share(result, r) if with_compute else None for r in runs]
+        if not runs or (with_compute and None in shares):
             yield _check(name, None, NOT_MEASURED)
             continue
         refused = sum(r["refused"] for r in runs)
         ok, figures = refused == 0, []
-        for r in runs:
+        for r, measured in zip(runs, shares, strict=True):
             figure = f"c={r['concurrency']} {r['items_per_s']:.0f}"
-            if measured := shares.get(id(r)):
+            if measured:
                 ok = ok and measured[0] >= COMPUTE_SHARE
                 figure += f" ({measured[0]:.0%} of {measured[1]})"
             figures.append(figure)
